@@ -1,1 +1,306 @@
-//! (in progress)
+//! Ingest: takes messages from the site's MQTT broker and makes them durable in the spool
+//! before acknowledging them.
+//!
+//! Two tasks:
+//! - the **MQTT loop** owns rumqttc's event loop: persistent session (stable client id,
+//!   clean session off), QoS 1 subscriptions to every topic-rule filter, reconnects with
+//!   exponential backoff, forwards each PUBLISH to the committer, and sends PUBACKs when the
+//!   committer says a message is durable;
+//! - the **committer** takes whatever messages are waiting (up to `spool.max_batch`),
+//!   normalizes them, writes events and dead letters to the spool in one batch behind one
+//!   fsync (group commit), and only then hands the PUBLISHes back for acknowledgement.
+//!
+//! Invariants:
+//! - A PUBLISH is acknowledged only after its events (or its dead letter) are behind an
+//!   fsync. If the agent dies before that, the broker redelivers it.
+//! - Acknowledgements are sent in receipt order and only on the connection the message
+//!   arrived on (a generation counter): a packet id from an old connection is never
+//!   acknowledged on a new one.
+//! - A redelivery (MQTT DUP) of a message that is already durable is acknowledged without
+//!   being spooled again; the spool remembers recent message digests for this.
+//! - Nothing on this path panics on input; every undecodable message becomes a dead letter
+//!   with its reason and original bytes.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::Clock;
+use crate::config::MqttConfig;
+use crate::normalize::{Inbound, Outcome, normalize};
+use crate::site::SiteConfig;
+use crate::spool::{DeadLetter, Spool};
+
+/// Largest MQTT packet accepted from the broker.
+pub const MAX_PACKET: usize = 256 * 1024;
+
+/// A message received on connection generation `gen`.
+pub struct Received {
+    pub generation: u64,
+    pub publish: Publish,
+}
+
+/// Messages now durable, to acknowledge on connection generation `gen`.
+pub struct Durable {
+    pub generation: u64,
+    pub publishes: Vec<Publish>,
+}
+
+/// Counters for status lines and tests.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub received: AtomicU64,
+    pub spooled_events: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub ignored: AtomicU64,
+    pub redeliveries_skipped: AtomicU64,
+    pub commits: AtomicU64,
+    pub connected: std::sync::atomic::AtomicBool,
+}
+
+/// Shared, swappable site configuration (SIGHUP replaces it).
+pub type SharedSite = Arc<RwLock<Arc<SiteConfig>>>;
+
+pub fn mqtt_options(cfg: &MqttConfig) -> MqttOptions {
+    let mut o = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    o.set_keep_alive(cfg.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_inflight(cfg.max_inflight)
+        .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+        .set_request_channel_capacity(4096);
+    if let Some((u, p)) = &cfg.credentials {
+        o.set_credentials(u, &p.0);
+    }
+    o
+}
+
+/// The MQTT loop. Runs until `shutdown`; then disconnects (unacknowledged messages stay
+/// with the broker for the next session).
+pub async fn mqtt_loop(
+    cfg: MqttConfig,
+    site: SharedSite,
+    to_commit: mpsc::Sender<Received>,
+    mut durable: mpsc::UnboundedReceiver<Durable>,
+    stats: Arc<IngestStats>,
+    heartbeat: Arc<AtomicI64>,
+    clock: Arc<Clock>,
+    shutdown: CancellationToken,
+) {
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(&cfg), 4096);
+    let mut generation: u64 = 0;
+    let mut backoff = Duration::from_millis(200);
+    let mut pending_acks: std::collections::VecDeque<Publish> = Default::default();
+    loop {
+        heartbeat.store(clock.local_ms(), Ordering::Relaxed);
+        // Acks queue into rumqttc's request channel; the event loop sends them on its
+        // next turn. A channel that is full just means: try again after that turn.
+        while let Some(p) = pending_acks.front() {
+            if client.try_ack(p).is_err() {
+                break;
+            }
+            pending_acks.pop_front();
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(d) = durable.recv() => {
+                if d.generation == generation {
+                    pending_acks.extend(d.publishes);
+                } else {
+                    tracing::debug!(n = d.publishes.len(), "acks for an old connection dropped; the broker redelivers those messages");
+                }
+            }
+            ev = eventloop.poll() => match ev {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = Duration::from_millis(200);
+                    stats.connected.store(true, Ordering::Relaxed);
+                    let filters = site.read().map(|s| s.filters()).unwrap_or_default();
+                    tracing::info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, filters = ?filters, "connected to MQTT broker");
+                    for f in filters {
+                        if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                            tracing::error!(filter = %f, error = %e, "cannot subscribe");
+                        }
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                    let r = Received { generation, publish: p };
+                    tokio::select! {
+                        res = to_commit.send(r) => if res.is_err() { break },
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    stats.connected.store(false, Ordering::Relaxed);
+                    generation += 1;
+                    pending_acks.clear();
+                    tracing::warn!(host = %cfg.host, port = cfg.port, error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost or refused");
+                    let until = tokio::time::Instant::now() + backoff;
+                    while tokio::time::Instant::now() < until {
+                        heartbeat.store(clock.local_ms(), Ordering::Relaxed);
+                        tokio::select! {
+                            _ = tokio::time::sleep((until - tokio::time::Instant::now()).min(Duration::from_secs(1))) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                    backoff = (backoff * 2).min(cfg.reconnect_max);
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    // Send what is already durable, then say goodbye.
+    for p in pending_acks.drain(..) {
+        let _ = client.try_ack(&p);
+    }
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    stats.connected.store(false, Ordering::Relaxed);
+}
+
+/// Digest of a message, for redelivery detection.
+pub fn message_digest(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&(topic.len() as u64).to_be_bytes());
+    ctx.update(topic.as_bytes());
+    ctx.update(payload);
+    ctx.finish().as_ref()[..16].to_vec()
+}
+
+/// The committer: normalize + group commit. Ends when the MQTT loop has ended and every
+/// message it forwarded was committed.
+#[allow(clippy::too_many_arguments)]
+pub async fn committer(
+    spool: Arc<Spool>,
+    site: SharedSite,
+    mut from_mqtt: mpsc::Receiver<Received>,
+    durable: mpsc::UnboundedSender<Durable>,
+    max_batch: usize,
+    stats: Arc<IngestStats>,
+    heartbeat: Arc<AtomicI64>,
+    clock: Arc<Clock>,
+) {
+    let mut buf: Vec<Received> = Vec::with_capacity(max_batch);
+    let mut retry = Duration::from_millis(100);
+    loop {
+        heartbeat.store(clock.local_ms(), Ordering::Relaxed);
+        if buf.is_empty() {
+            tokio::select! {
+                n = from_mqtt.recv_many(&mut buf, max_batch) => if n == 0 { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        let site_now: Arc<SiteConfig> = match site.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        match commit_batch(&spool, &site_now, &buf, &stats, &clock) {
+            Ok(()) => {
+                retry = Duration::from_millis(100);
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                // Group acknowledgements by connection generation, preserving order.
+                let mut out: Vec<Durable> = Vec::new();
+                for r in buf.drain(..) {
+                    if r.publish.qos == QoS::AtMostOnce {
+                        continue;
+                    }
+                    match out.last_mut() {
+                        Some(d) if d.generation == r.generation => d.publishes.push(r.publish),
+                        _ => out.push(Durable {
+                            generation: r.generation,
+                            publishes: vec![r.publish],
+                        }),
+                    }
+                }
+                for d in out {
+                    let _ = durable.send(d);
+                }
+            }
+            Err(e) => {
+                // Not acknowledged: the broker keeps the messages. Keep the batch, retry.
+                tracing::error!(error = %e, n = buf.len(), retry_in_ms = retry.as_millis() as u64, "cannot make messages durable; not acknowledging them");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn commit_batch(
+    spool: &Spool,
+    site: &SiteConfig,
+    msgs: &[Received],
+    stats: &IngestStats,
+    clock: &Clock,
+) -> Result<(), crate::spool::SpoolError> {
+    let mut batch = spool.batch();
+    let mut events = 0u64;
+    let mut dead = 0u64;
+    let mut seen_in_batch: Vec<Vec<u8>> = Vec::new();
+    for r in msgs {
+        let p = &r.publish;
+        let digest = message_digest(&p.topic, &p.payload);
+        if p.dup && (seen_in_batch.contains(&digest) || spool.seen_recently(&digest)?) {
+            stats.redeliveries_skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(topic = %p.topic, "redelivered message already spooled; acknowledging without spooling again");
+            continue;
+        }
+        let now = clock.now_ms();
+        let inbound = Inbound {
+            topic: &p.topic,
+            payload: &p.payload,
+            received_at_ms: now,
+            msg_id: spool.next_msg_id(),
+        };
+        match normalize(&inbound, site) {
+            Ok(Outcome::Events(evs)) => {
+                for e in &evs {
+                    spool.push_event(&mut batch, e)?;
+                }
+                events += evs.len() as u64;
+            }
+            Ok(Outcome::Ignored(why)) => {
+                stats.ignored.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(topic = %p.topic, reason = %why, "message understood but not forwarded");
+            }
+            Err(reject) => {
+                tracing::warn!(topic = %p.topic, reason = %reject, bytes = p.payload.len(), "undecodable message moved to dead letters");
+                spool.push_dead(
+                    &mut batch,
+                    &DeadLetter {
+                        at_ms: now,
+                        stage: "normalize".into(),
+                        reason: reject.to_string(),
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        event: None,
+                    },
+                )?;
+                dead += 1;
+            }
+        }
+        spool.push_recent(&mut batch, &digest, now);
+        seen_in_batch.push(digest);
+    }
+    let report = spool.commit(batch)?;
+    stats.spooled_events.fetch_add(events, Ordering::Relaxed);
+    stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+    if report.dropped.iter().any(|d| *d > 0) {
+        tracing::error!(dropped = ?report.dropped, "spool byte budget exceeded: dropped the oldest events of the lowest classes");
+    }
+    Ok(())
+}
