@@ -270,7 +270,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         #[cfg(feature = "simulator")]
         Command::Demo(args) => {
-            init_logging("warn");
+            init_logging("warn,rumqttd=off");
             let rt = runtime()?;
             rt.block_on(crate::demo::run(args))?;
             Ok(EX_OK)

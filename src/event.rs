@@ -186,6 +186,41 @@ impl Event {
     }
 }
 
+impl Event {
+    /// An event the agent raises about itself (device `chekt-agent`, code `AGENT:<code>`):
+    /// store reset, events dropped for space.
+    pub fn agent_trouble(
+        location_id: &str,
+        recorder_id: Option<&str>,
+        now_ms: i64,
+        code: &str,
+        description: String,
+    ) -> Event {
+        Event {
+            id: identity(&[
+                b"agent",
+                code.as_bytes(),
+                &now_ms.to_be_bytes(),
+                description.as_bytes(),
+            ]),
+            class: Class::Trouble,
+            event_type: EventType::Trouble,
+            status: EventStatus::Active,
+            location_id: location_id.to_string(),
+            recorder_id: recorder_id.map(str::to_string),
+            device_id: "chekt-agent".into(),
+            zone: None,
+            partition: None,
+            user: None,
+            camera_ids: vec![],
+            code: Some(format!("AGENT:{code}")),
+            description,
+            device_time_ms: None,
+            received_at_ms: now_ms,
+        }
+    }
+}
+
 /// Lower-case hex SHA-256 over length-prefixed parts, truncated to 32 hex chars (128 bits).
 /// Length prefixes make `("ab","c")` and `("a","bc")` differ.
 pub fn identity(parts: &[&[u8]]) -> String {

@@ -196,8 +196,10 @@ pub async fn committer(
 ) {
     let mut buf: Vec<Received> = Vec::with_capacity(max_batch);
     let mut retry = Duration::from_millis(100);
+    let mut drops = DropReporter::default();
     loop {
         heartbeat.store(clock.local_ms(), Ordering::Relaxed);
+        drops.flush_if_due(&spool, &site, &clock);
         if buf.is_empty() {
             tokio::select! {
                 n = from_mqtt.recv_many(&mut buf, max_batch) => if n == 0 { return },
@@ -209,7 +211,8 @@ pub async fn committer(
             Err(p) => p.into_inner().clone(),
         };
         match commit_batch(&spool, &site_now, &buf, &stats, &clock) {
-            Ok(()) => {
+            Ok(dropped) => {
+                drops.add(dropped);
                 retry = Duration::from_millis(100);
                 stats.commits.fetch_add(1, Ordering::Relaxed);
                 // Group acknowledgements by connection generation, preserving order.
@@ -246,7 +249,7 @@ fn commit_batch(
     msgs: &[Received],
     stats: &IngestStats,
     clock: &Clock,
-) -> Result<(), crate::spool::SpoolError> {
+) -> Result<[u64; 4], crate::spool::SpoolError> {
     let mut batch = spool.batch();
     let mut events = 0u64;
     let mut dead = 0u64;
@@ -302,5 +305,53 @@ fn commit_batch(
     if report.dropped.iter().any(|d| *d > 0) {
         tracing::error!(dropped = ?report.dropped, "spool byte budget exceeded: dropped the oldest events of the lowest classes");
     }
-    Ok(())
+    Ok(report.dropped)
+}
+
+/// Turns evictions into at most one trouble event a minute, aggregated.
+#[derive(Default)]
+struct DropReporter {
+    pending: [u64; 4],
+    last: Option<tokio::time::Instant>,
+}
+
+impl DropReporter {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn add(&mut self, dropped: [u64; 4]) {
+        for (p, d) in self.pending.iter_mut().zip(dropped) {
+            *p += d;
+        }
+    }
+
+    fn flush_if_due(&mut self, spool: &Spool, site: &SharedSite, clock: &Clock) {
+        if self.pending.iter().all(|d| *d == 0) {
+            return;
+        }
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            return;
+        }
+        let site: Arc<SiteConfig> = match site.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let [alarm, trouble, arming, other] = self.pending;
+        let ev = crate::event::Event::agent_trouble(
+            &site.location_id,
+            site.recorder_id.as_deref(),
+            clock.now_ms(),
+            "spool_overflow",
+            format!(
+                "event store full: dropped {alarm} alarm, {trouble} trouble, {arming} arming and {other} routine events (oldest of the lowest class first)"
+            ),
+        );
+        match crate::pipeline::enqueue(spool, &ev) {
+            Ok(()) => {
+                tracing::error!(dropped = ?self.pending, "raised a spool_overflow trouble event");
+                self.pending = [0; 4];
+                self.last = Some(tokio::time::Instant::now());
+            }
+            Err(e) => tracing::error!(error = %e, "cannot record the spool_overflow trouble event"),
+        }
+    }
 }

@@ -24,3 +24,5 @@ pub mod upload;
 pub mod demo;
 #[cfg(feature = "simulator")]
 pub mod simulator;
+#[cfg(feature = "simulator")]
+pub mod testbed;

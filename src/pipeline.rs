@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::TokenSource;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::event::{Class, Event, EventStatus, EventType, identity};
+use crate::event::Event;
 use crate::ingest::{self, IngestStats, SharedSite};
 use crate::keys::KeyStore;
 use crate::site::{SiteConfig, SiteError};
@@ -68,7 +68,6 @@ pub struct Running {
     committer: JoinHandle<()>,
     uploader: JoinHandle<Result<(), UploadError>>,
     grace: Duration,
-    reported_drops: [u64; 4],
 }
 
 /// What did not stop in time.
@@ -77,29 +76,7 @@ pub struct StopReport {
     pub not_stopped: Vec<&'static str>,
 }
 
-/// An event the agent raises about itself (device `chekt-agent`).
-pub fn agent_trouble(site: &SiteConfig, clock: &Clock, code: &str, description: String) -> Event {
-    let now = clock.now_ms();
-    Event {
-        id: identity(&[b"agent", code.as_bytes(), &now.to_be_bytes(), description.as_bytes()]),
-        class: Class::Trouble,
-        event_type: EventType::Trouble,
-        status: EventStatus::Active,
-        location_id: site.location_id.clone(),
-        recorder_id: site.recorder_id.clone(),
-        device_id: "chekt-agent".into(),
-        zone: None,
-        partition: None,
-        user: None,
-        camera_ids: vec![],
-        code: Some(format!("AGENT:{code}")),
-        description,
-        device_time_ms: None,
-        received_at_ms: now,
-    }
-}
-
-fn enqueue(spool: &Spool, ev: &Event) -> Result<(), SpoolError> {
+pub(crate) fn enqueue(spool: &Spool, ev: &Event) -> Result<(), SpoolError> {
     let mut b = spool.batch();
     spool.push_event(&mut b, ev)?;
     spool.commit(b).map(|_| ())
@@ -112,9 +89,10 @@ impl Running {
         let (spool, reset) = Spool::open(&cfg.spool)?;
         let spool = Arc::new(spool);
         if let Some(r) = &reset {
-            let ev = agent_trouble(
-                &site,
-                &clock,
+            let ev = Event::agent_trouble(
+                &site.location_id,
+                site.recorder_id.as_deref(),
+                clock.now_ms(),
                 "spool_reset",
                 format!(
                     "event store was unreadable at start ({}); set aside at {} and a fresh one started",
@@ -179,7 +157,6 @@ impl Running {
             }
             .run(stop_upload.clone()),
         );
-        let reported_drops = spool.stats().dropped;
         Ok(Running {
             spool,
             ingest: ingest_stats,
@@ -195,7 +172,6 @@ impl Running {
             committer,
             uploader,
             grace,
-            reported_drops,
         })
     }
 
@@ -233,28 +209,6 @@ impl Running {
             s.dropped.iter().sum::<u64>(),
             if self.ingest.connected.load(Ordering::Relaxed) { "connected" } else { "disconnected" },
         )
-    }
-
-    /// Raise a trouble event if events were dropped for space since the last check.
-    pub fn report_drops(&mut self) -> Result<(), SpoolError> {
-        let now = self.spool.stats().dropped;
-        if now == self.reported_drops {
-            return Ok(());
-        }
-        let new: Vec<u64> = now.iter().zip(self.reported_drops).map(|(a, b)| a - b).collect();
-        self.reported_drops = now;
-        let site = self.site();
-        let ev = agent_trouble(
-            &site,
-            &self.clock,
-            "spool_overflow",
-            format!(
-                "event store full: dropped {} trouble, {} arming, {} routine and {} alarm events (oldest of the lowest class first)",
-                new[1], new[2], new[3], new[0]
-            ),
-        );
-        tracing::error!(dropped = ?new, "spool full: events dropped; raised a trouble event");
-        enqueue(&self.spool, &ev)
     }
 
     pub fn site(&self) -> Arc<SiteConfig> {
@@ -316,7 +270,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     mut reload: mpsc::Receiver<()>,
 ) -> Result<StopReport, PipelineError> {
-    let mut running = Running::start(cfg, site, opts).await?;
+    let running = Running::start(cfg, site, opts).await?;
     tracing::info!(status = %running.status_line(), "agent running");
     crate::systemd::ready(&running.status_line());
     let wd = crate::systemd::watchdog_interval();
@@ -337,9 +291,6 @@ pub async fn run(
                 crate::systemd::ready(&running.status_line());
             }
             _ = ticker.tick() => {
-                if let Err(e) = running.report_drops() {
-                    tracing::error!(error = %e, "cannot record the drop trouble event");
-                }
                 if let Some(dead) = running.task_died() {
                     tracing::error!(task = dead, "a pipeline loop ended unexpectedly; stopping so systemd restarts the agent");
                     break;

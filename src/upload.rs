@@ -312,6 +312,9 @@ impl Uploader {
             match verdict {
                 Verdict::Delivered => {
                     self.spool.ack(&key)?;
+                    if backoff.attempts() > 0 {
+                        tracing::info!(attempts = backoff.attempts(), "CHeKT reachable again; delivering the backlog");
+                    }
                     backoff.reset();
                     unauthorized_in_row = 0;
                     if !last_auth_error.is_empty() {
@@ -385,7 +388,14 @@ impl Uploader {
         };
         let jitter = backoff.next(cap);
         let delay = after.map_or(jitter, |a| a.max(jitter));
-        tracing::warn!(event_id = %head.id, attempt = backoff.attempts(), delay_ms = delay.as_millis() as u64, reason = %why, "delivery failed; will retry");
+        // Log the first failure and then ever more rarely (1, 2, 4, 8, ...): a long outage
+        // must not wear the flash with log lines.
+        let n = backoff.attempts();
+        if n.is_power_of_two() {
+            tracing::warn!(event_id = %head.id, attempt = n, delay_ms = delay.as_millis() as u64, reason = %why, "delivery failed; will retry");
+        } else {
+            tracing::debug!(event_id = %head.id, attempt = n, delay_ms = delay.as_millis() as u64, reason = %why, "delivery failed; will retry");
+        }
         let until = Instant::now() + delay;
         // Sleep in slices so the watchdog sees a live loop during long backoffs.
         while Instant::now() < until {
@@ -459,7 +469,7 @@ impl Uploader {
                 }
             }
             408 | 429 | 500..=599 => {
-                tracing::warn!(event_id = %event.id, %detail, "CHeKT asked to retry");
+                tracing::debug!(event_id = %event.id, %detail, "CHeKT asked to retry");
                 Verdict::Retry {
                     why: detail,
                     after: retry_after,
