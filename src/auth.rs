@@ -112,7 +112,10 @@ struct Cached {
 }
 
 enum Mode {
-    Assertion { cfg: AssertionConfig, keys: KeyStore },
+    Assertion {
+        cfg: Box<AssertionConfig>,
+        keys: KeyStore,
+    },
     ApiKey(Redacted),
 }
 
@@ -147,7 +150,7 @@ impl TokenSource {
     pub fn new(mode: &AuthMode, http: reqwest::Client, clock: Arc<Clock>) -> TokenSource {
         let mode = match mode {
             AuthMode::Assertion(cfg) => Mode::Assertion {
-                cfg: cfg.clone(),
+                cfg: Box::new(cfg.clone()),
                 keys: KeyStore::from_env(cfg.key_dir.clone()),
             },
             AuthMode::ApiKey(k) => Mode::ApiKey(k.clone()),
@@ -229,7 +232,10 @@ impl TokenSource {
             Ok(Some(next)) => match self.exchange(cfg, &next).await {
                 Ok(c) => {
                     keys.promote_next()?;
-                    tracing::info!(kid = next.kid(), "CHeKT accepted the staged key; promoted it to current (retire the old key at CHeKT)");
+                    tracing::info!(
+                        kid = next.kid(),
+                        "CHeKT accepted the staged key; promoted it to current (retire the old key at CHeKT)"
+                    );
                     self.set_rotation_note(None);
                     return Ok(c);
                 }
@@ -330,14 +336,20 @@ impl TokenSource {
                 if let Some(tt) = &t.token_type
                     && !tt.eq_ignore_ascii_case("bearer")
                 {
-                    return Err(AuthError::BadResponse(format!("token_type {tt:?} is not Bearer")));
+                    return Err(AuthError::BadResponse(format!(
+                        "token_type {tt:?} is not Bearer"
+                    )));
                 }
                 if t.access_token.is_empty() {
                     return Err(AuthError::BadResponse("empty access_token".into()));
                 }
                 let life = Duration::from_secs(t.expires_in.max(1));
                 let ahead = cfg.refresh_before.min(life / 2);
-                tracing::debug!(kid = key.kid(), expires_in = t.expires_in, "obtained access token");
+                tracing::debug!(
+                    kid = key.kid(),
+                    expires_in = t.expires_in,
+                    "obtained access token"
+                );
                 return Ok(Cached {
                     token: Bearer(t.access_token),
                     refresh_at: started + life - ahead,

@@ -24,7 +24,11 @@ pub const EX_IOERR: u8 = 74;
 pub const EX_CONFIG: u8 = 78;
 
 #[derive(Debug, Parser)]
-#[command(name = "chekt-agent", version, about = "Forwards a site's alarm events from MQTT to CHeKT, one way, losing nothing")]
+#[command(
+    name = "chekt-agent",
+    version,
+    about = "Forwards a site's alarm events from MQTT to CHeKT, one way, losing nothing"
+)]
 pub struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, default_value = crate::config::DEFAULT_PATH)]
@@ -115,7 +119,9 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
         if cause.is::<ConfigError>() || cause.is::<SiteError>() || cause.is::<KeyError>() {
             return EX_CONFIG;
         }
-        if let Some(PipelineError::Upload(crate::upload::UploadError::CaFile { .. })) = cause.downcast_ref::<PipelineError>() {
+        if let Some(PipelineError::Upload(crate::upload::UploadError::CaFile { .. })) =
+            cause.downcast_ref::<PipelineError>()
+        {
             return EX_CONFIG;
         }
         if cause.is::<SpoolError>() {
@@ -182,7 +188,10 @@ fn new_key(rsa: Option<PathBuf>) -> anyhow::Result<DeviceKey> {
 
 fn print_jwk(label: &str, k: &DeviceKey) {
     println!("# {label}: kid {} ({:?})", k.kid(), k.alg());
-    println!("{}", serde_json::to_string_pretty(k.public_jwk()).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(k.public_jwk()).unwrap_or_default()
+    );
 }
 
 /// Run a parsed command line; returns the exit status.
@@ -200,18 +209,39 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let report = rt.block_on(async {
                 let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
                 let shutdown = signals(reload_tx)?;
-                anyhow::Ok(pipeline::run(&cfg, site, pipeline::Options::default(), shutdown, reload_rx).await?)
+                anyhow::Ok(
+                    pipeline::run(
+                        &cfg,
+                        site,
+                        pipeline::Options::default(),
+                        shutdown,
+                        reload_rx,
+                    )
+                    .await?,
+                )
             })?;
-            Ok(if report.not_stopped.is_empty() { EX_OK } else { EX_FAILURE })
+            Ok(if report.not_stopped.is_empty() {
+                EX_OK
+            } else {
+                EX_FAILURE
+            })
         }
         Command::CheckConfig => {
             let (cfg, site) = Config::load(&cli.config)?;
             if let AuthMode::Assertion(a) = &cfg.chekt.auth {
                 let store = KeyStore::from_env(a.key_dir.clone());
                 let k = store.current()?;
-                println!("device key: {} kid {} ({:?})", store.current_path().display(), k.kid(), k.alg());
+                println!(
+                    "device key: {} kid {} ({:?})",
+                    store.current_path().display(),
+                    k.kid(),
+                    k.alg()
+                );
                 if let Some(n) = store.next()? {
-                    println!("staged next key: kid {} (promoted once CHeKT accepts it)", n.kid());
+                    println!(
+                        "staged next key: kid {} (promoted once CHeKT accepts it)",
+                        n.kid()
+                    );
                 }
             } else {
                 println!("auth: static API key (bring-up tier)");
@@ -232,7 +262,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let (cfg, _) = Config::load(&cli.config)?;
             let (spool, reset) = Spool::open(&cfg.spool)?;
             if let Some(r) = reset {
-                eprintln!("note: the store was unreadable ({}); set aside at {}", r.error, r.moved_to.display());
+                eprintln!(
+                    "note: the store was unreadable ({}); set aside at {}",
+                    r.error,
+                    r.moved_to.display()
+                );
             }
             match s {
                 SpoolCommand::DeadLetters => {
@@ -297,7 +331,10 @@ fn key_command(config: &std::path::Path, k: KeyCommand) -> anyhow::Result<u8> {
             let key = new_key(rsa)?;
             let path = store.dir().join(crate::keys::CURRENT_FILE);
             key.write_new(&path)?;
-            eprintln!("wrote {} (mode 0600); register this public key with CHeKT:", path.display());
+            eprintln!(
+                "wrote {} (mode 0600); register this public key with CHeKT:",
+                path.display()
+            );
             print_jwk("device key", &key);
             Ok(EX_OK)
         }
@@ -309,11 +346,18 @@ fn key_command(config: &std::path::Path, k: KeyCommand) -> anyhow::Result<u8> {
             }
             Ok(EX_OK)
         }
-        KeyCommand::Rotate { rsa, replace, key_dir } => {
+        KeyCommand::Rotate {
+            rsa,
+            replace,
+            key_dir,
+        } => {
             let store = key_store(config, key_dir)?;
             let current = store.current()?;
             if !replace && store.next()?.is_some() {
-                return Err(KeyError::Exists { path: store.next_path().display().to_string() }.into());
+                return Err(KeyError::Exists {
+                    path: store.next_path().display().to_string(),
+                }
+                .into());
             }
             let key = new_key(rsa)?;
             store.stage_next(&key, replace)?;
@@ -330,7 +374,9 @@ fn key_command(config: &std::path::Path, k: KeyCommand) -> anyhow::Result<u8> {
 }
 
 /// SIGTERM / SIGINT resolve the returned future; SIGHUP sends on `reload`.
-fn signals(reload: tokio::sync::mpsc::Sender<()>) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+fn signals(
+    reload: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

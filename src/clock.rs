@@ -94,7 +94,11 @@ impl Clock {
         // The header truncates to the second: the true server time is up to 1 s later.
         let server_mid = server_ms + 500;
         let diff = server_mid - self.local_ms();
-        let new = if diff.abs() > ADOPT_THRESHOLD_MS { diff } else { 0 };
+        let new = if diff.abs() > ADOPT_THRESHOLD_MS {
+            diff
+        } else {
+            0
+        };
         self.learned.store(true, Ordering::Relaxed);
         let old = self.offset_ms.swap(new, Ordering::Relaxed);
         if (old - new).abs() > ADOPT_THRESHOLD_MS {

@@ -370,10 +370,7 @@ impl Config {
             let ok_scheme = url.starts_with("https://")
                 || (c.allow_insecure_http && url.starts_with("http://"));
             if !ok_scheme {
-                return Err(invalid(
-                    key,
-                    format!("{url:?} must be an https:// URL"),
-                ));
+                return Err(invalid(key, format!("{url:?} must be an https:// URL")));
             }
             let rest = url.split_once("://").map(|x| x.1).unwrap_or("");
             let host = rest.split(['/', '?']).next().unwrap_or("");
@@ -502,10 +499,16 @@ impl Config {
             }
         };
         if !(1..=120).contains(&c.request_timeout_secs) {
-            return Err(invalid("chekt.request_timeout_secs", "must be 1-120".into()));
+            return Err(invalid(
+                "chekt.request_timeout_secs",
+                "must be 1-120".into(),
+            ));
         }
         if c.rate_per_minute == 0 {
-            return Err(invalid("chekt.rate_per_minute", "must be at least 1".into()));
+            return Err(invalid(
+                "chekt.rate_per_minute",
+                "must be at least 1".into(),
+            ));
         }
         if c.burst == 0 {
             return Err(invalid("chekt.burst", "must be at least 1".into()));
@@ -554,7 +557,10 @@ impl Config {
             return Err(invalid("spool.max_batch", "must be 1-10000".into()));
         }
         if s.max_dead_letters == 0 {
-            return Err(invalid("spool.max_dead_letters", "must be at least 1".into()));
+            return Err(invalid(
+                "spool.max_dead_letters",
+                "must be at least 1".into(),
+            ));
         }
         let spool = SpoolConfig {
             dir: state_dir.join("spool"),

@@ -17,7 +17,8 @@
 //!   arrived on (a generation counter): a packet id from an old connection is never
 //!   acknowledged on a new one.
 //! - A redelivery (MQTT DUP) of a message that is already durable is acknowledged without
-//!   being spooled again; the spool remembers recent message digests for this.
+//!   being spooled again, and so is an event whose identity (e.g. a device `event_id`) was
+//!   spooled recently; the spool remembers recent digests and identities for this.
 //! - Nothing on this path panics on input; every undecodable message becomes a dead letter
 //!   with its reason and original bytes.
 
@@ -58,8 +59,18 @@ pub struct IngestStats {
     pub dead_lettered: AtomicU64,
     pub ignored: AtomicU64,
     pub redeliveries_skipped: AtomicU64,
+    /// Events not spooled because one with the same identity was spooled recently.
+    pub duplicates_skipped: AtomicU64,
     pub commits: AtomicU64,
     pub connected: std::sync::atomic::AtomicBool,
+}
+
+/// What both ingest loops share: counters, their heartbeat, the clock.
+#[derive(Clone)]
+pub struct LoopCtx {
+    pub stats: Arc<IngestStats>,
+    pub heartbeat: Arc<AtomicI64>,
+    pub clock: Arc<Clock>,
 }
 
 /// Shared, swappable site configuration (SIGHUP replaces it).
@@ -86,11 +97,14 @@ pub async fn mqtt_loop(
     site: SharedSite,
     to_commit: mpsc::Sender<Received>,
     mut durable: mpsc::UnboundedReceiver<Durable>,
-    stats: Arc<IngestStats>,
-    heartbeat: Arc<AtomicI64>,
-    clock: Arc<Clock>,
+    ctx: LoopCtx,
     shutdown: CancellationToken,
 ) {
+    let LoopCtx {
+        stats,
+        heartbeat,
+        clock,
+    } = ctx;
     let (client, mut eventloop) = AsyncClient::new(mqtt_options(&cfg), 4096);
     let mut generation: u64 = 0;
     let mut backoff = Duration::from_millis(200);
@@ -183,17 +197,19 @@ pub fn message_digest(topic: &str, payload: &[u8]) -> Vec<u8> {
 
 /// The committer: normalize + group commit. Ends when the MQTT loop has ended and every
 /// message it forwarded was committed.
-#[allow(clippy::too_many_arguments)]
 pub async fn committer(
     spool: Arc<Spool>,
     site: SharedSite,
     mut from_mqtt: mpsc::Receiver<Received>,
     durable: mpsc::UnboundedSender<Durable>,
     max_batch: usize,
-    stats: Arc<IngestStats>,
-    heartbeat: Arc<AtomicI64>,
-    clock: Arc<Clock>,
+    ctx: LoopCtx,
 ) {
+    let LoopCtx {
+        stats,
+        heartbeat,
+        clock,
+    } = ctx;
     let mut buf: Vec<Received> = Vec::with_capacity(max_batch);
     let mut retry = Duration::from_millis(100);
     let mut drops = DropReporter::default();
@@ -256,7 +272,8 @@ fn commit_batch(
     let mut seen_in_batch: Vec<Vec<u8>> = Vec::new();
     for r in msgs {
         let p = &r.publish;
-        let digest = message_digest(&p.topic, &p.payload);
+        let mut digest = vec![b'm'];
+        digest.extend(message_digest(&p.topic, &p.payload));
         if p.dup && (seen_in_batch.contains(&digest) || spool.seen_recently(&digest)?) {
             stats.redeliveries_skipped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(topic = %p.topic, "redelivered message already spooled; acknowledging without spooling again");
@@ -272,9 +289,21 @@ fn commit_batch(
         match normalize(&inbound, site) {
             Ok(Outcome::Events(evs)) => {
                 for e in &evs {
+                    // An event whose identity was spooled recently (a device republishing
+                    // the same `event_id`) is already on its way; a second copy would differ
+                    // in `received_at` and earn a 409 from CHeKT.
+                    let mut idkey = vec![b'e'];
+                    idkey.extend_from_slice(e.id.as_bytes());
+                    if seen_in_batch.contains(&idkey) || spool.seen_recently(&idkey)? {
+                        stats.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(event_id = %e.id, topic = %p.topic, "event already spooled recently (same identity); not sent twice");
+                        continue;
+                    }
                     spool.push_event(&mut batch, e)?;
+                    spool.push_recent(&mut batch, &idkey, now);
+                    seen_in_batch.push(idkey);
+                    events += 1;
                 }
-                events += evs.len() as u64;
             }
             Ok(Outcome::Ignored(why)) => {
                 stats.ignored.fetch_add(1, Ordering::Relaxed);

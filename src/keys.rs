@@ -34,7 +34,9 @@ pub const CREDENTIAL_NAME: &str = "device.key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("no device key at {path} (create one with `chekt-agent key generate` or `chekt-agent provision`)")]
+    #[error(
+        "no device key at {path} (create one with `chekt-agent key generate` or `chekt-agent provision`)"
+    )]
     Missing { path: String },
     #[error(
         "device key {path} has mode {mode:04o}: it must not be readable or writable by group or others; fix with `chmod 600 {path}`"
@@ -90,10 +92,14 @@ impl DeviceKey {
     /// Parse a PKCS#8 DER key: ECDSA P-256 (ES256) or RSA >= 2048 bits (RS256).
     pub fn from_pkcs8_der(der: Vec<u8>, origin: &str) -> Result<DeviceKey, KeyError> {
         let rng = ring::rand::SystemRandom::new();
-        if let Ok(kp) = rs::EcdsaKeyPair::from_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+        if let Ok(kp) =
+            rs::EcdsaKeyPair::from_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
         {
             let p = kp.public_key().as_ref();
-            let (x, y) = (URL_SAFE_NO_PAD.encode(&p[1..33]), URL_SAFE_NO_PAD.encode(&p[33..65]));
+            let (x, y) = (
+                URL_SAFE_NO_PAD.encode(&p[1..33]),
+                URL_SAFE_NO_PAD.encode(&p[33..65]),
+            );
             // RFC 7638: required members, lexicographic order, no whitespace.
             let canon = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
             let kid = thumbprint(&canon);
@@ -149,7 +155,9 @@ impl DeviceKey {
 
     /// Parse PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
     pub fn from_pem(pem: &str, origin: &str) -> Result<DeviceKey, KeyError> {
-        if pem.contains("-----BEGIN RSA PRIVATE KEY-----") || pem.contains("-----BEGIN EC PRIVATE KEY-----") {
+        if pem.contains("-----BEGIN RSA PRIVATE KEY-----")
+            || pem.contains("-----BEGIN EC PRIVATE KEY-----")
+        {
             return Err(KeyError::Format {
                 path: origin.into(),
                 message: "this is a PKCS#1/SEC1 key; convert it to PKCS#8 with `openssl pkcs8 -topk8 -nocrypt -in OLD.pem -out NEW.pem`".into(),
@@ -273,7 +281,10 @@ impl DeviceKey {
 }
 
 fn thumbprint(canonical: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()))
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
 }
 
 fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -301,7 +312,10 @@ impl KeyStore {
 
     /// From the key directory and the process environment.
     pub fn from_env(dir: PathBuf) -> KeyStore {
-        KeyStore::new(dir, std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from))
+        KeyStore::new(
+            dir,
+            std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        )
     }
 
     pub fn dir(&self) -> &Path {
@@ -381,7 +395,10 @@ mod tests {
         let p = dir.path().join("device.key");
         let k = DeviceKey::generate_es256().unwrap();
         k.write_new(&p).unwrap();
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let e = DeviceKey::load(&p).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
@@ -391,9 +408,12 @@ mod tests {
 
     #[test]
     fn pkcs1_is_refused_with_conversion_hint() {
-        let e = DeviceKey::from_pem("-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n", "k.pem")
-            .unwrap_err()
-            .to_string();
+        let e = DeviceKey::from_pem(
+            "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+            "k.pem",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("openssl pkcs8 -topk8"), "{e}");
     }
 }

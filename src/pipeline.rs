@@ -84,7 +84,11 @@ pub(crate) fn enqueue(spool: &Spool, ev: &Event) -> Result<(), SpoolError> {
 
 impl Running {
     /// Open the spool, build the HTTP client and token source, start every loop.
-    pub async fn start(cfg: &Config, site: SiteConfig, opts: Options) -> Result<Running, PipelineError> {
+    pub async fn start(
+        cfg: &Config,
+        site: SiteConfig,
+        opts: Options,
+    ) -> Result<Running, PipelineError> {
         let clock = opts.clock.unwrap_or_else(|| Arc::new(Clock::system()));
         let (spool, reset) = Spool::open(&cfg.spool)?;
         let spool = Arc::new(spool);
@@ -108,7 +112,9 @@ impl Running {
             tokens = tokens.with_key_store(k);
         }
         if tokens.is_api_key() {
-            tracing::warn!("authenticating with a static API key: the bring-up tier; switch to assertion tokens (chekt.auth = \"assertion\") for production");
+            tracing::warn!(
+                "authenticating with a static API key: the bring-up tier; switch to assertion tokens (chekt.auth = \"assertion\") for production"
+            );
         }
         let tokens = Arc::new(tokens);
         let ingest_stats = Arc::new(IngestStats::default());
@@ -128,9 +134,11 @@ impl Running {
             site.clone(),
             to_commit,
             durable_rx,
-            ingest_stats.clone(),
-            beats[0].clone(),
-            clock.clone(),
+            ingest::LoopCtx {
+                stats: ingest_stats.clone(),
+                heartbeat: beats[0].clone(),
+                clock: clock.clone(),
+            },
             stop_ingest.clone(),
         ));
         let committer = tokio::spawn(ingest::committer(
@@ -139,9 +147,11 @@ impl Running {
             from_mqtt,
             durable_tx,
             cfg.spool.max_batch,
-            ingest_stats.clone(),
-            beats[1].clone(),
-            clock.clone(),
+            ingest::LoopCtx {
+                stats: ingest_stats.clone(),
+                heartbeat: beats[1].clone(),
+                clock: clock.clone(),
+            },
         ));
         let grace = opts.grace.unwrap_or(Duration::from_secs(5));
         let uploader = tokio::spawn(
@@ -207,12 +217,19 @@ impl Running {
             last,
             s.dead_letters,
             s.dropped.iter().sum::<u64>(),
-            if self.ingest.connected.load(Ordering::Relaxed) { "connected" } else { "disconnected" },
+            if self.ingest.connected.load(Ordering::Relaxed) {
+                "connected"
+            } else {
+                "disconnected"
+            },
         )
     }
 
     pub fn site(&self) -> Arc<SiteConfig> {
-        self.site.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.site
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Re-read the site file. On error the running configuration is kept. Changed topic
@@ -230,10 +247,16 @@ impl Running {
     pub async fn stop(self) -> StopReport {
         let mut report = StopReport::default();
         self.stop_ingest.cancel();
-        if tokio::time::timeout(Duration::from_secs(2), self.mqtt).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), self.mqtt)
+            .await
+            .is_err()
+        {
             report.not_stopped.push("mqtt");
         }
-        if tokio::time::timeout(Duration::from_secs(2), self.committer).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(2), self.committer)
+            .await
+            .is_err()
+        {
             report.not_stopped.push("committer");
         }
         self.stop_upload.cancel();
@@ -274,8 +297,13 @@ pub async fn run(
     tracing::info!(status = %running.status_line(), "agent running");
     crate::systemd::ready(&running.status_line());
     let wd = crate::systemd::watchdog_interval();
-    let tick = wd.map(|w| w / 2).unwrap_or(Duration::from_secs(10)).max(Duration::from_millis(100));
-    let stale = wd.unwrap_or(Duration::from_secs(30)).max(Duration::from_secs(3));
+    let tick = wd
+        .map(|w| w / 2)
+        .unwrap_or(Duration::from_secs(10))
+        .max(Duration::from_millis(100));
+    let stale = wd
+        .unwrap_or(Duration::from_secs(30))
+        .max(Duration::from_secs(3));
     let mut ticker = tokio::time::interval(tick);
     let mut last_status_log = tokio::time::Instant::now();
     tokio::pin!(shutdown);

@@ -170,7 +170,10 @@ impl SiteConfig {
         let mut channels = BTreeMap::new();
         for (i, c) in self.cameras.iter().enumerate() {
             if c.id.trim().is_empty() {
-                return Err(invalid(format!("camera[{i}].id"), "must not be empty".into()));
+                return Err(invalid(
+                    format!("camera[{i}].id"),
+                    "must not be empty".into(),
+                ));
             }
             if channels.insert(c.channel, i).is_some() {
                 return Err(invalid(
@@ -203,8 +206,8 @@ impl SiteConfig {
             ));
         }
         for (i, r) in self.rules.iter().enumerate() {
-            let wildcards = validate_filter(&r.filter)
-                .map_err(|m| invalid(format!("rule[{i}].filter"), m))?;
+            let wildcards =
+                validate_filter(&r.filter).map_err(|m| invalid(format!("rule[{i}].filter"), m))?;
             check_template(&r.device, wildcards, false)
                 .map_err(|m| invalid(format!("rule[{i}].device"), m))?;
             if let Some(z) = &r.zone {

@@ -5,9 +5,10 @@
 //! - `q` ‖ class (u8) ‖ seq (u64 BE) → queued event: `VERSION` ‖ postcard([`Event`]).
 //!   Iteration order is class, then seq: delivery order (alarm first, FIFO within a class).
 //! - `d` ‖ seq (u64 BE) → dead letter: `VERSION` ‖ postcard([`DeadLetter`]).
-//! - `r` ‖ digest (16 B) → receipt time (i64 BE): messages recently spooled, so a broker's
-//!   redelivery (MQTT DUP) of a message already durable is recognised and not spooled twice.
-//! - `t` ‖ time (i64 BE) ‖ digest → () : age index of `r`, for pruning.
+//! - `r` ‖ tag → receipt time (i64 BE): messages (`m` ‖ 16-byte digest) and event
+//!   identities (`e` ‖ id) recently spooled, so a broker's redelivery (MQTT DUP) or a
+//!   device's republish of something already durable is recognised and not spooled twice.
+//! - `t` ‖ time (i64 BE) ‖ tag → () : age index of `r`, for pruning.
 //! - `m` ‖ name → counters (u64 BE): `seq` (next sequence number), `drop` ‖ class.
 //!
 //! # Invariants
@@ -203,7 +204,10 @@ impl Spool {
                     .unwrap_or(0);
                 let name = format!(
                     "{}.corrupt-{stamp}",
-                    cfg.dir.file_name().and_then(|n| n.to_str()).unwrap_or("spool")
+                    cfg.dir
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or("spool")
                 );
                 let moved_to = cfg.dir.with_file_name(name);
                 std::fs::rename(&cfg.dir, &moved_to).map_err(|source| SpoolError::SetAside {
@@ -303,9 +307,7 @@ impl Spool {
         let mut k = Vec::with_capacity(17);
         k.push(b'r');
         k.extend_from_slice(digest);
-        self.db
-            .contains_key(k)
-            .map_err(store_err(&self.dir))
+        self.db.contains_key(k).map_err(store_err(&self.dir))
     }
 
     pub fn batch(&self) -> Batch {
@@ -452,10 +454,12 @@ impl Spool {
     /// Make everything written so far durable: sled flush, then fdatasync of its log.
     pub fn sync(&self) -> Result<(), SpoolError> {
         self.db.flush().map_err(store_err(&self.dir))?;
-        self.log_file.sync_data().map_err(|source| SpoolError::Sync {
-            path: self.dir.display().to_string(),
-            source,
-        })
+        self.log_file
+            .sync_data()
+            .map_err(|source| SpoolError::Sync {
+                path: self.dir.display().to_string(),
+                source,
+            })
     }
 
     /// The next event to deliver: the oldest of the highest class. Undecodable records are
@@ -545,7 +549,10 @@ impl Spool {
         self.db
             .scan_prefix(b"q")
             .take(limit)
-            .map(|r| r.map(|(_, v)| decode::<Event>(&v)).map_err(store_err(&self.dir)))
+            .map(|r| {
+                r.map(|(_, v)| decode::<Event>(&v))
+                    .map_err(store_err(&self.dir))
+            })
             .collect()
     }
 
@@ -637,7 +644,15 @@ mod tests {
         {
             let (s, reset) = Spool::open(&c).unwrap();
             assert!(reset.is_none());
-            put(&s, &[ev(Class::Other, 1), ev(Class::Arming, 2), ev(Class::Alarm, 3), ev(Class::Alarm, 4)]);
+            put(
+                &s,
+                &[
+                    ev(Class::Other, 1),
+                    ev(Class::Arming, 2),
+                    ev(Class::Alarm, 3),
+                    ev(Class::Alarm, 4),
+                ],
+            );
         }
         let (s, _) = Spool::open(&c).unwrap();
         assert_eq!(s.stats().backlog(), 4);
@@ -666,7 +681,11 @@ mod tests {
         assert!(st.live_bytes <= 64 * 1024);
         // the oldest routine events went first
         let q = s.queued(10_000).unwrap();
-        let first_other = q.iter().flatten().find(|e| e.class == Class::Other).unwrap();
+        let first_other = q
+            .iter()
+            .flatten()
+            .find(|e| e.class == Class::Other)
+            .unwrap();
         assert!(first_other.received_at_ms > 1000);
         drop(s);
         let (s, _) = Spool::open(&c).unwrap();

@@ -29,11 +29,17 @@ fn send(state: &[sd_notify::NotifyState<'_>]) {
 }
 
 pub fn ready(status: &str) {
-    send(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+    send(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
 }
 
 pub fn watchdog(status: &str) {
-    send(&[sd_notify::NotifyState::Watchdog, sd_notify::NotifyState::Status(status)]);
+    send(&[
+        sd_notify::NotifyState::Watchdog,
+        sd_notify::NotifyState::Status(status),
+    ]);
 }
 
 pub fn status(status: &str) {

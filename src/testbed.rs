@@ -22,7 +22,12 @@ pub const LOCATION: &str = "Z6RSOG";
 /// OAuth client id the testbed registers.
 pub const CLIENT_ID: &str = "gw-test-0001";
 /// Secrets planted in the site file; none may ever reach CHeKT.
-pub const SECRETS: [&str; 4] = ["hunter2-rtsp", "camadmin-user", "s3cret-cam-pass", "key under the mat"];
+pub const SECRETS: [&str; 4] = [
+    "hunter2-rtsp",
+    "camadmin-user",
+    "s3cret-cam-pass",
+    "key under the mat",
+];
 
 /// The testbed site: two cameras, three zones, topic rules for each decoder.
 pub const SITE_TOML: &str = r#"
@@ -170,7 +175,11 @@ pub struct Testbed {
 impl Testbed {
     /// Start the simulator (and, when `broker_port` is None, an embedded broker on a free
     /// port), create and register a device key, write `agent.toml` and `site.toml`.
-    pub async fn start(sim_cfg: SimConfig, broker_port: Option<u16>, knobs: AgentKnobs) -> anyhow::Result<Testbed> {
+    pub async fn start(
+        sim_cfg: SimConfig,
+        broker_port: Option<u16>,
+        knobs: AgentKnobs,
+    ) -> anyhow::Result<Testbed> {
         crate::jwt::install();
         let dir = std::env::temp_dir().join(format!(
             "chekt-agent-testbed-{}-{}",
@@ -187,7 +196,9 @@ impl Testbed {
                 p
             }
         };
-        let sim = Simulator::start(sim_cfg.clone()).await.context("starting the CHeKT simulator")?;
+        let sim = Simulator::start(sim_cfg.clone())
+            .await
+            .context("starting the CHeKT simulator")?;
         std::fs::write(dir.join("ca.pem"), sim.ca_pem())?;
         let key_dir = dir.join("state").join("keys");
         let key = DeviceKey::generate_es256()?;
@@ -204,7 +215,10 @@ impl Testbed {
             key,
         };
         std::fs::write(&tb.site_path, SITE_TOML)?;
-        std::fs::write(&tb.config_path, tb.config_text(&sim_cfg.api_audience, &knobs))?;
+        std::fs::write(
+            &tb.config_path,
+            tb.config_text(&sim_cfg.api_audience, &knobs),
+        )?;
         Ok(tb)
     }
 

@@ -243,7 +243,9 @@ pub fn parse_retry_after(v: &str, now_ms: i64) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(v).ok()?;
     let at_ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64;
-    Some(Duration::from_millis((at_ms - now_ms).clamp(0, 3_600_000) as u64))
+    Some(Duration::from_millis(
+        (at_ms - now_ms).clamp(0, 3_600_000) as u64
+    ))
 }
 
 /// Delivery counters, shared with the pipeline for status lines and the demo.
@@ -313,7 +315,10 @@ impl Uploader {
                 Verdict::Delivered => {
                     self.spool.ack(&key)?;
                     if backoff.attempts() > 0 {
-                        tracing::info!(attempts = backoff.attempts(), "CHeKT reachable again; delivering the backlog");
+                        tracing::info!(
+                            attempts = backoff.attempts(),
+                            "CHeKT reachable again; delivering the backlog"
+                        );
                     }
                     backoff.reset();
                     unauthorized_in_row = 0;
@@ -347,10 +352,18 @@ impl Uploader {
                     continue; // token dropped in attempt(); retry at once with a fresh one
                 }
                 Verdict::Unauthorized => {
-                    self.wait_retry(&mut backoff, &event, None, "CHeKT answered 401 to a fresh token", &shutdown).await;
+                    self.wait_retry(
+                        &mut backoff,
+                        &event,
+                        None,
+                        "CHeKT answered 401 to a fresh token",
+                        &shutdown,
+                    )
+                    .await;
                 }
                 Verdict::Retry { why, after } => {
-                    self.wait_retry(&mut backoff, &event, after, &why, &shutdown).await;
+                    self.wait_retry(&mut backoff, &event, after, &why, &shutdown)
+                        .await;
                 }
                 Verdict::Auth(e) => {
                     let msg = e.to_string();
@@ -362,14 +375,16 @@ impl Uploader {
                         }
                         last_auth_error = msg.clone();
                     }
-                    self.wait_retry(&mut backoff, &event, None, &msg, &shutdown).await;
+                    self.wait_retry(&mut backoff, &event, None, &msg, &shutdown)
+                        .await;
                 }
             }
         }
     }
 
     fn beat(&self) {
-        self.heartbeat.store(self.clock.local_ms(), Ordering::Relaxed);
+        self.heartbeat
+            .store(self.clock.local_ms(), Ordering::Relaxed);
     }
 
     async fn wait_retry(
@@ -457,8 +472,15 @@ impl Uploader {
             "HTTP {status} code={} message={:?}{} request_id={} trace_id={trace}",
             if e.code.is_empty() { "-" } else { &e.code },
             e.message,
-            e.field.as_deref().map(|f| format!(" field={f}")).unwrap_or_default(),
-            if e.request_id.is_empty() { "-" } else { &e.request_id },
+            e.field
+                .as_deref()
+                .map(|f| format!(" field={f}"))
+                .unwrap_or_default(),
+            if e.request_id.is_empty() {
+                "-"
+            } else {
+                &e.request_id
+            },
         );
         match status {
             401 => {
@@ -519,6 +541,9 @@ mod tests {
         let mut l = RateLimiter::new(600, 30);
         l.observe(Some(0), Some(1_800_000_003), 1_800_000_000_000);
         let w = l.try_take();
-        assert!(w > Duration::from_secs(2) && w <= Duration::from_secs(3), "{w:?}");
+        assert!(
+            w > Duration::from_secs(2) && w <= Duration::from_secs(3),
+            "{w:?}"
+        );
     }
 }

@@ -33,6 +33,8 @@ pub(crate) type Resp = Response<Full<Bytes>>;
 pub(crate) struct ConnCtx {
     /// Set by a handler that wants the connection reset instead of answered.
     pub reset: Arc<AtomicBool>,
+    /// The server is in an outage or shut down: answer nothing, reset.
+    pub down: Arc<AtomicBool>,
 }
 
 /// The service error that makes hyper abandon the connection without a response.
@@ -115,6 +117,10 @@ pub(crate) async fn handle(
     conn: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Resp, ResetConnection> {
+    if conn.down.load(Ordering::SeqCst) {
+        conn.reset.store(true, Ordering::SeqCst);
+        return Err(ResetConnection);
+    }
     let rid = shared.request_id();
     let method = req.method().clone();
     let path = req.uri().path().to_string();

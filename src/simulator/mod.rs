@@ -1,5 +1,5 @@
 //! The CHeKT simulator: an HTTPS server that plays CHeKT's Auth0 token endpoint and Partner
-//! Event API as described in `docs`/the shared contract, for the crate's integration tests
+//! Event API as the shared CHeKT contract describes them, for the crate's integration tests
 //! (in process, [`Simulator::start`]) and for partners (standalone, [`run_standalone`]).
 //!
 //! This file owns the public API (configuration, the [`Simulator`] handle, the records it
@@ -10,8 +10,9 @@
 //!
 //! Invariants: every response carries exactly one `Date` header, taken from the simulator's
 //! clock (system time + [`Simulator::set_clock_offset`]), and an `x-request-id`. During an
-//! outage the listening socket is closed — connections are refused, not answered — and live
-//! connections are dropped; leaving the outage rebinds the same port. All shared state sits
+//! outage the listening socket is closed — new connections are refused — and live keep-alive
+//! connections are dropped; a request that still reaches one is reset, never answered.
+//! Leaving the outage rebinds the same port. All shared state sits
 //! behind one `std::sync::Mutex` that is never held across an `.await`. Assertions are
 //! verified only with the registered public JWKs, through `jsonwebtoken::decode` and the
 //! ring provider of `crate::jwt`.
@@ -42,7 +43,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 pub use faults::Faults;
-pub use standalone::{SimArgs, run_standalone};
+pub use standalone::{SimArgs, run_standalone, run_with_output};
 
 use state::Shared;
 
@@ -222,7 +223,9 @@ struct Net {
     /// Bumped to drop every live connection (outage on, shutdown).
     kill_conns: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
-    outage: AtomicBool,
+    /// Outage or shutdown: shared with every connection, whose handler then resets the
+    /// connection instead of answering (closes the race with a request already on the wire).
+    down: Arc<AtomicBool>,
     stopped: AtomicBool,
 }
 
@@ -272,7 +275,7 @@ impl Simulator {
             listener_gen: watch::Sender::new(0),
             kill_conns: watch::Sender::new(0),
             shutdown: watch::Sender::new(false),
-            outage: AtomicBool::new(false),
+            down: Arc::new(AtomicBool::new(false)),
             stopped: AtomicBool::new(false),
         });
         let accept_task = tokio::spawn(accept_loop(shared.clone(), net.clone()));
@@ -356,7 +359,8 @@ impl Simulator {
         *self.shared.faults.lock().unwrap_or_else(|e| e.into_inner()) = f;
     }
 
-    /// `true`: close the listening socket (connections refused) and drop live connections.
+    /// `true`: close the listening socket (connections refused) and drop live connections
+    /// (a request racing onto one is reset, never answered; no request is processed).
     /// `false`: rebind the same port and serve again. Errors (port taken meanwhile) are logged;
     /// see [`Simulator::try_set_outage`].
     pub fn set_outage(&self, on: bool) {
@@ -371,7 +375,7 @@ impl Simulator {
             return Err(SimError::ShutDown);
         }
         if on {
-            self.net.outage.store(true, Ordering::SeqCst);
+            self.net.down.store(true, Ordering::SeqCst);
             drop(self.net.listener().take());
             self.net.kill_connections();
             tracing::info!("simulator: outage on");
@@ -382,7 +386,7 @@ impl Simulator {
                 *slot = Some(bind(self.net.addr)?);
             }
             drop(slot);
-            self.net.outage.store(false, Ordering::SeqCst);
+            self.net.down.store(false, Ordering::SeqCst);
             self.net
                 .listener_gen
                 .send_modify(|g| *g = g.wrapping_add(1));
@@ -442,6 +446,7 @@ impl Simulator {
 
     fn stop(&self) {
         self.net.stopped.store(true, Ordering::SeqCst);
+        self.net.down.store(true, Ordering::SeqCst);
         drop(self.net.listener().take());
         self.net.shutdown.send_replace(true);
         self.net.kill_connections();
@@ -507,10 +512,13 @@ async fn serve_connection(
 ) {
     let mut kill = net.kill_conns.subscribe();
     kill.borrow_and_update();
-    if net.outage.load(Ordering::SeqCst) || net.stopped.load(Ordering::SeqCst) {
+    if net.down.load(Ordering::SeqCst) {
         return;
     }
-    let conn = Arc::new(http::ConnCtx::default());
+    let conn = Arc::new(http::ConnCtx {
+        reset: Arc::new(AtomicBool::new(false)),
+        down: net.down.clone(),
+    });
     let io = http::ResettableTcp::new(tcp, conn.reset.clone());
     let tls = tokio::select! {
         biased;

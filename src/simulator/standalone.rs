@@ -119,10 +119,36 @@ fn event_line(r: &Received) -> String {
     .to_string()
 }
 
-/// Run the simulator until `shutdown` completes.
+/// Run the simulator until `shutdown` completes, printing to stdout.
 pub async fn run_standalone(
     args: SimArgs,
     shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    run_with_output(args, shutdown, &mut StdoutLines).await
+}
+
+/// `std::io::Stdout`, locked per write so lines never interleave.
+struct StdoutLines;
+
+impl Write for StdoutLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        std::io::stdout().lock().write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        std::io::stdout().lock().write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// [`run_standalone`] with the start-up and event lines written to `out`.
+pub async fn run_with_output(
+    args: SimArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+    out: &mut (dyn Write + Send),
 ) -> anyhow::Result<()> {
     let mut registrations = Vec::new();
     for (client, path) in &args.register {
@@ -147,15 +173,16 @@ pub async fn run_standalone(
         .with_context(|| format!("writing {}", ca_path.display()))?;
 
     let mut events = sim.subscribe();
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "base_url={}", sim.base_url())?;
-        writeln!(out, "token_url={}", sim.token_url())?;
-        writeln!(out, "events_url={}", sim.events_url())?;
-        writeln!(out, "tenant_audience={}", sim.tenant_audience())?;
-        writeln!(out, "ca_pem={}", ca_path.display())?;
-        out.flush()?;
-    }
+    let banner = format!(
+        "base_url={}\ntoken_url={}\nevents_url={}\ntenant_audience={}\nca_pem={}\n",
+        sim.base_url(),
+        sim.token_url(),
+        sim.events_url(),
+        sim.tenant_audience(),
+        ca_path.display()
+    );
+    out.write_all(banner.as_bytes())?;
+    out.flush()?;
 
     tokio::pin!(shutdown);
     loop {
@@ -163,12 +190,11 @@ pub async fn run_standalone(
             _ = &mut shutdown => break,
             r = events.recv() => match r {
                 Ok(ev) => {
-                    let mut out = std::io::stdout().lock();
-                    writeln!(out, "{}", event_line(&ev))?;
+                    out.write_all(format!("{}\n", event_line(&ev)).as_bytes())?;
                     out.flush()?;
                 }
                 Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "simulator: stdout fell behind; events not printed");
+                    tracing::warn!(missed = n, "simulator: output fell behind; events not printed");
                 }
                 Err(RecvError::Closed) => break,
             },

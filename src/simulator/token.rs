@@ -183,6 +183,12 @@ fn issue(shared: &Shared, form: &HashMap<String, String>) -> Result<Value, Token
     }
 
     let verified = verify_assertion(shared, assertion)?;
+    if let Some(id) = form.get("client_id").filter(|id| **id != verified.client) {
+        return Err(invalid_client(format!(
+            "client_id \"{id}\" does not match the assertion's iss \"{}\"",
+            verified.client
+        )));
+    }
     let now = shared.clock.unix();
     let lifetime = i64::try_from(cfg.token_lifetime.as_secs()).unwrap_or(i64::MAX / 2);
     let token = URL_SAFE_NO_PAD.encode(shared.random_bytes(32));
