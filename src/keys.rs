@@ -407,6 +407,23 @@ mod tests {
     }
 
     #[test]
+    fn credential_is_current_until_the_key_dir_has_its_own() {
+        let state = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        let cred_key = DeviceKey::generate_es256().unwrap();
+        cred_key
+            .write_new(&creds.path().join(CREDENTIAL_NAME))
+            .unwrap();
+        let store = KeyStore::new(state.path().join("keys"), Some(creds.path().to_path_buf()));
+        assert_eq!(store.current().unwrap().kid(), cred_key.kid());
+        // After a rotation is promoted, the key directory's own key wins.
+        let next = DeviceKey::generate_es256().unwrap();
+        store.stage_next(&next, false).unwrap();
+        store.promote_next().unwrap();
+        assert_eq!(store.current().unwrap().kid(), next.kid());
+    }
+
+    #[test]
     fn pkcs1_is_refused_with_conversion_hint() {
         let e = DeviceKey::from_pem(
             "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n",

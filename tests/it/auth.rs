@@ -78,6 +78,26 @@ async fn many_waiters_share_one_refresh() {
 }
 
 #[tokio::test]
+async fn token_is_refreshed_ahead_of_expiry() {
+    let sim = SimConfig {
+        token_lifetime: Duration::from_secs(2),
+        ..SimConfig::default()
+    };
+    let tb = Testbed::start(sim, None, AgentKnobs::default())
+        .await
+        .unwrap();
+    let ts = source(&tb, Clock::system());
+    let t1 = ts.bearer().await.unwrap();
+    assert_eq!(ts.bearer().await.unwrap(), t1, "still fresh");
+    // Refreshed at half its 2 s life, before CHeKT would call it expired.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let t2 = ts.bearer().await.unwrap();
+    assert_ne!(t1, t2);
+    assert_eq!(tb.sim.stats().token_ok, 2);
+    assert_eq!(post_event(&tb, &t2.header_value(), "kfresh").await, 201);
+}
+
+#[tokio::test]
 async fn refresh_on_401() {
     let tb = testbed().await;
     let ts = source(&tb, Clock::system());
