@@ -43,6 +43,9 @@ pub enum Command {
     Run,
     /// Validate the configuration, the site file and the device key; change nothing.
     CheckConfig,
+    /// Install: create the device key, write the given settings into the configuration,
+    /// create a minimal site file, print the JWK, validate. Idempotent.
+    Provision(Box<crate::provision::ProvisionArgs>),
     /// Manage the device key.
     #[command(subcommand)]
     Key(KeyCommand),
@@ -116,6 +119,9 @@ pub fn main() -> ExitCode {
 /// Maps an error to its exit status by its type.
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
+        if let Some(p) = cause.downcast_ref::<crate::provision::ProvisionError>() {
+            return p.exit_code();
+        }
         if cause.is::<ConfigError>() || cause.is::<SiteError>() || cause.is::<KeyError>() {
             return EX_CONFIG;
         }
@@ -203,7 +209,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             init_logging(&cfg.log_level);
             if let AuthMode::Assertion(a) = &cfg.chekt.auth {
                 // Fail fast (exit 78) on a missing or exposed key, before anything starts.
-                KeyStore::from_env(a.key_dir.clone()).current()?;
+                let store = KeyStore::from_env(a.key_dir.clone());
+                let k = store.current()?;
+                tracing::info!(key = %store.current_path().display(), kid = %k.kid(), alg = ?k.alg(), "device key");
             }
             let rt = runtime()?;
             let report = rt.block_on(async {
@@ -255,6 +263,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 site.cameras.len(),
                 site.rules.len()
             );
+            Ok(EX_OK)
+        }
+        Command::Provision(args) => {
+            crate::provision::run(&cli.config, &args)?;
             Ok(EX_OK)
         }
         Command::Key(k) => key_command(&cli.config, k),

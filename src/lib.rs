@@ -15,6 +15,7 @@ pub mod jwt;
 pub mod keys;
 pub mod normalize;
 pub mod pipeline;
+pub mod provision;
 pub mod site;
 pub mod spool;
 pub mod systemd;

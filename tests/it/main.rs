@@ -7,4 +7,5 @@ mod auth;
 mod config;
 mod kill;
 mod pipeline;
+mod provision;
 mod support;
