@@ -151,23 +151,22 @@ impl Agent {
                 }
             }
         });
-        let mut cmd = match cpus {
-            Some(c) => {
-                let mut c2 = Command::new("taskset");
-                c2.args(["-c", c]).arg(agent_bin());
-                c2
-            }
-            None => Command::new(agent_bin()),
-        };
+        // Like systemd: WATCHDOG_PID must name the agent itself, so a shell exports its own
+        // pid and execs the agent (through taskset when pinned), keeping that pid.
+        let pin = cpus.map(|c| format!("taskset -c {c} ")).unwrap_or_default();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("WATCHDOG_PID=$$ exec {pin}\"$0\" \"$@\""))
+            .arg(agent_bin());
         let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("NOTIFY_SOCKET", &sock_path)
             .env("WATCHDOG_USEC", "100000")
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", "warn")
             .env_remove("CREDENTIALS_DIRECTORY")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(sock_dir.join("agent.log"))?)
             .spawn()
             .context("spawning the agent")?;
         Ok(Agent {
@@ -179,6 +178,17 @@ impl Agent {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The last STATUS= line and the tail of the agent's log, for error messages.
+    fn diagnose(&self) -> String {
+        let log = std::fs::read_to_string(self._sock_dir.join("agent.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().filter(|l| !l.contains("will retry") && !l.contains("access token yet")).rev().take(15).collect();
+        format!(
+            "last status: {:?}\nagent log tail:\n{}",
+            self.status.lock().unwrap(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 
     /// Backlog from the last STATUS= line.
@@ -380,10 +390,13 @@ async fn run(s: &Scale, quick: bool) -> anyhow::Result<()> {
         }
         publisher.wait_acked(s.ingest as u64).await;
         let published = t0.elapsed();
-        wait_until(Duration::from_secs(600), "everything durable", || {
+        if let Err(e) = wait_until(Duration::from_secs(120), "everything durable", || {
             agent.backlog() >= Some(s.ingest as u64)
         })
-        .await?;
+        .await
+        {
+            bail!("{e}: {}", agent.diagnose());
+        }
         let durable = t0.elapsed();
         let (w1, c1) = (write_bytes(pid), cpu_secs(pid));
         let per_event = (w1 - w0) as f64 / s.ingest as f64;

@@ -328,6 +328,8 @@ pub async fn run(
                 if stalled.is_empty() {
                     if wd.is_some() {
                         crate::systemd::watchdog(&line);
+                    } else {
+                        crate::systemd::status(&line);
                     }
                 } else {
                     tracing::error!(stalled = ?stalled, "pipeline loop(s) not making progress; withholding the watchdog ping");
