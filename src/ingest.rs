@@ -21,6 +21,10 @@
 //!   spooled recently; the spool remembers recent digests and identities for this.
 //! - Nothing on this path panics on input; every undecodable message becomes a dead letter
 //!   with its reason and original bytes.
+//! - A batch whose commit failed is committed again as it was built (same events, same
+//!   identities), never normalized afresh: a store failure can leave it half-visible (the
+//!   uploader may already have sent some of it), and a new identity would send those events
+//!   to CHeKT a second time under another `Idempotency-Key`.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -196,7 +200,7 @@ pub fn message_digest(topic: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The committer: normalize + group commit. Ends when the MQTT loop has ended and every
-/// message it forwarded was committed.
+/// message it forwarded was committed, or could not be (then they stay unacknowledged).
 pub async fn committer(
     spool: Arc<Spool>,
     site: SharedSite,
@@ -211,6 +215,8 @@ pub async fn committer(
         clock,
     } = ctx;
     let mut buf: Vec<Received> = Vec::with_capacity(max_batch);
+    // The batch built from `buf`, kept until it is committed.
+    let mut prepared: Option<Prepared> = None;
     let mut retry = Duration::from_millis(100);
     let mut drops = DropReporter::default();
     loop {
@@ -226,7 +232,18 @@ pub async fn committer(
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
         };
-        match commit_batch(&spool, &site_now, &buf, &stats, &clock) {
+        let result = match prepared.take() {
+            Some(p) => Ok(p),
+            None => prepare_batch(&spool, &site_now, &buf, &stats, &clock),
+        }
+        .and_then(|p| {
+            let r = commit_prepared(&spool, &p, &stats);
+            if r.is_err() {
+                prepared = Some(p);
+            }
+            r
+        });
+        match result {
             Ok(dropped) => {
                 drops.add(dropped);
                 retry = Duration::from_millis(100);
@@ -250,22 +267,42 @@ pub async fn committer(
                 }
             }
             Err(e) => {
-                // Not acknowledged: the broker keeps the messages. Keep the batch, retry.
+                // Not acknowledged: the broker keeps the messages. Keep the batch, retry;
+                // at shutdown (the MQTT loop is gone) give up instead of holding it up.
+                if from_mqtt.is_closed() {
+                    tracing::warn!(error = %e, n = buf.len(), "stopping with messages that could not be made durable; not acknowledged, the broker redelivers them");
+                    return;
+                }
                 tracing::error!(error = %e, n = buf.len(), retry_in_ms = retry.as_millis() as u64, "cannot make messages durable; not acknowledging them");
-                tokio::time::sleep(retry).await;
+                // Sleep in slices so the watchdog sees a live loop (as the uploader does).
+                let until = tokio::time::Instant::now() + retry;
+                while tokio::time::Instant::now() < until {
+                    heartbeat.store(clock.local_ms(), Ordering::Relaxed);
+                    tokio::time::sleep(
+                        (until - tokio::time::Instant::now()).min(Duration::from_secs(1)),
+                    )
+                    .await;
+                }
                 retry = (retry * 2).min(Duration::from_secs(10));
             }
         }
     }
 }
 
-fn commit_batch(
+/// A normalized batch, ready to commit (again, after a failure).
+struct Prepared {
+    batch: crate::spool::Batch,
+    events: u64,
+    dead: u64,
+}
+
+fn prepare_batch(
     spool: &Spool,
     site: &SiteConfig,
     msgs: &[Received],
     stats: &IngestStats,
     clock: &Clock,
-) -> Result<[u64; 4], crate::spool::SpoolError> {
+) -> Result<Prepared, crate::spool::SpoolError> {
     let mut batch = spool.batch();
     let mut events = 0u64;
     let mut dead = 0u64;
@@ -328,9 +365,21 @@ fn commit_batch(
         spool.push_recent(&mut batch, &digest, now);
         seen_in_batch.push(digest);
     }
-    let report = spool.commit(batch)?;
-    stats.spooled_events.fetch_add(events, Ordering::Relaxed);
-    stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+    Ok(Prepared {
+        batch,
+        events,
+        dead,
+    })
+}
+
+fn commit_prepared(
+    spool: &Spool,
+    p: &Prepared,
+    stats: &IngestStats,
+) -> Result<[u64; 4], crate::spool::SpoolError> {
+    let report = spool.commit(p.batch.clone())?;
+    stats.spooled_events.fetch_add(p.events, Ordering::Relaxed);
+    stats.dead_lettered.fetch_add(p.dead, Ordering::Relaxed);
     if report.dropped.iter().any(|d| *d > 0) {
         tracing::error!(dropped = ?report.dropped, "spool byte budget exceeded: dropped the oldest events of the lowest classes");
     }

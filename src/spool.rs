@@ -24,12 +24,26 @@
 //!   hold more than that (see BENCHMARKS.md) and never shrink.
 //! - A store that fails to open or to read back is moved aside (`spool.corrupt-<time>`)
 //!   and a fresh one started; the caller is told so it can report it. Never a crash loop.
+//!   Not when it failed for lack of space (that is not corruption: it stays in place and
+//!   open fails) or because another process holds its lock (`spool status` while the
+//!   agent runs).
+//! - A store that fails while running is closed and reopened from what is on disk. sled
+//!   0.34 poisons a `Db` after a failed write (e.g. ENOSPC): every later write and flush
+//!   fails, even once space is back, and memory may hold writes that never reached disk.
+//!   While closed: [`Spool::commit`] fails (so nothing is acknowledged and the broker keeps
+//!   the messages), [`Spool::peek`] finds nothing, [`Spool::ack`] and
+//!   [`Spool::dead_letter`] leave the event queued (it is sent again, under the same
+//!   `Idempotency-Key`). Reopening is tried by whichever call comes next: at once, then
+//!   with backoff (250 ms doubling to 10 s; the backoff carries over when the store fails
+//!   again within a minute). A batch committed again after a failure (same keys, same
+//!   events) is counted once.
 //! - Memory: sled's cache is set small (`spool.cache_bytes`); nothing here loads the
 //!   backlog into memory (open counts it by iterating keys and value lengths).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +71,36 @@ pub enum SpoolError {
     },
     #[error("cannot encode record: {0}")]
     Encode(String),
+    #[error("spool store {path}: unavailable after a store failure; reopening")]
+    Unavailable { path: String },
+}
+
+impl SpoolError {
+    /// The store itself failed (I/O, sled): it is closed and reopened from disk.
+    fn is_store_failure(&self) -> bool {
+        matches!(self, SpoolError::Store { .. } | SpoolError::Sync { .. })
+    }
+
+    /// Nothing could be read or written because the store failed or is closed.
+    fn is_unavailable(&self) -> bool {
+        self.is_store_failure() || matches!(self, SpoolError::Unavailable { .. })
+    }
+
+    /// Open failed for a reason that says nothing about the store's contents: no space
+    /// left, or another process holds its lock. Such a store is never set aside.
+    pub fn keeps_store_in_place(&self) -> bool {
+        use std::io::ErrorKind;
+        let io = match self {
+            SpoolError::Store {
+                source: sled::Error::Io(e),
+                ..
+            }
+            | SpoolError::Sync { source: e, .. } => e,
+            _ => return false,
+        };
+        matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+            || io.to_string().contains("could not acquire lock")
+    }
 }
 
 /// An input or event that could not be delivered, kept with its reason.
@@ -103,6 +147,10 @@ pub struct Stats {
     pub live_bytes: u64,
     pub dropped: [u64; 4],
     pub dead_letters: u64,
+    /// Times the store failed while running and was closed (since start).
+    pub store_failures: u64,
+    /// The store is closed after a failure and not reopened yet.
+    pub unavailable: bool,
 }
 
 impl Stats {
@@ -135,27 +183,53 @@ impl State {
     }
 }
 
-/// Events to store in one durable step.
-#[derive(Default)]
+/// Events to store in one durable step. Cloned to commit the same batch again after a
+/// failed commit (the same keys and events: nothing stored twice).
+#[derive(Clone, Default)]
 pub struct Batch {
     ops: sled::Batch,
-    added: Vec<(Class, u64)>,
-    dead: u64,
-    recent: u64,
+    /// Queue key, class, encoded length.
+    added: Vec<(Vec<u8>, Class, u64)>,
+    dead: Vec<Vec<u8>>,
+    recent: Vec<Vec<u8>>,
+    /// `Health::failures` when the batch was made: a later failure means it may be on disk
+    /// already (partly or wholly).
+    failures_seen: u64,
 }
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.dead == 0 && self.recent == 0
+        self.added.is_empty() && self.dead.is_empty() && self.recent.is_empty()
     }
 }
 
-pub struct Spool {
+/// The open sled store.
+struct Store {
     db: sled::Db,
-    dir: PathBuf,
     log_file: File,
+    generation: u64,
+}
+
+/// Store failures and reopen attempts.
+struct Health {
+    failures: u64,
+    last_failure: Option<Instant>,
+    generation: u64,
+    next_try: Instant,
+    backoff: Duration,
+    attempts: u32,
+}
+
+const REOPEN_FIRST: Duration = Duration::from_millis(250);
+const REOPEN_MAX: Duration = Duration::from_secs(10);
+
+pub struct Spool {
+    /// `None` after a store failure, until reopened.
+    store: RwLock<Option<Store>>,
+    dir: PathBuf,
     cfg: SpoolConfig,
     state: Mutex<State>,
+    health: Mutex<Health>,
     notify: tokio::sync::Notify,
 }
 
@@ -192,11 +266,61 @@ fn be_u64(b: &[u8]) -> u64 {
     b.try_into().map(u64::from_be_bytes).unwrap_or(0)
 }
 
+/// Open sled at `cfg.dir` and read every key back once: counts the backlog and proves the
+/// store is readable.
+fn open_store(cfg: &SpoolConfig) -> Result<(sled::Db, File, State), SpoolError> {
+    let dir = &cfg.dir;
+    let err = store_err(dir);
+    std::fs::create_dir_all(dir).map_err(|e| err(sled::Error::Io(e)))?;
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cfg.cache_bytes)
+        .flush_every_ms(Some(1000))
+        .open()
+        .map_err(&err)?;
+    let log_file = File::open(dir.join("db")).map_err(|e| err(sled::Error::Io(e)))?;
+    let mut st = State::default();
+    for item in db.iter() {
+        let (k, v) = item.map_err(&err)?;
+        match k.first() {
+            Some(b'q') => {
+                let class = k
+                    .get(1)
+                    .and_then(|c| Class::from_u8(*c))
+                    .ok_or_else(|| err(sled::Error::Unsupported("bad queue key".into())))?;
+                st.queued[class as usize] += 1;
+                st.bytes[class as usize] += v.len() as u64;
+            }
+            Some(b'd') => st.dead += 1,
+            Some(b'r') => st.recent += 1,
+            _ => {}
+        }
+    }
+    if let Some(v) = db.get(b"mseq").map_err(&err)? {
+        st.next_seq = be_u64(&v);
+    }
+    for c in Class::ALL {
+        if let Some(v) = db.get(drop_key(c)).map_err(&err)? {
+            st.dropped[c as usize] = be_u64(&v);
+        }
+    }
+    db.flush().map_err(&err)?;
+    log_file.sync_data().map_err(|source| SpoolError::Sync {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok((db, log_file, st))
+}
+
 impl Spool {
     /// Open the store at `cfg.dir`; set an unreadable one aside and start fresh.
     pub fn open(cfg: &SpoolConfig) -> Result<(Spool, Option<Reset>), SpoolError> {
         match Spool::open_checked(cfg) {
             Ok(s) => Ok((s, None)),
+            Err(first) if first.keeps_store_in_place() => Err(first),
             Err(first) => {
                 let stamp = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -232,56 +356,26 @@ impl Spool {
     }
 
     fn open_checked(cfg: &SpoolConfig) -> Result<Spool, SpoolError> {
-        let dir = cfg.dir.clone();
-        let dir_for_err = dir.clone();
-        let err = store_err(&dir_for_err);
-        std::fs::create_dir_all(&dir).map_err(|e| err(sled::Error::Io(e)))?;
-        let db = sled::Config::new()
-            .path(&dir)
-            .cache_capacity(cfg.cache_bytes)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(&err)?;
-        let log_file = File::open(dir.join("db")).map_err(|e| err(sled::Error::Io(e)))?;
-        // Read every key back once: counts the backlog and proves the store is readable.
-        let mut st = State::default();
-        for item in db.iter() {
-            let (k, v) = item.map_err(&err)?;
-            match k.first() {
-                Some(b'q') => {
-                    let class = k
-                        .get(1)
-                        .and_then(|c| Class::from_u8(*c))
-                        .ok_or_else(|| err(sled::Error::Unsupported("bad queue key".into())))?;
-                    st.queued[class as usize] += 1;
-                    st.bytes[class as usize] += v.len() as u64;
-                }
-                Some(b'd') => st.dead += 1,
-                Some(b'r') => st.recent += 1,
-                _ => {}
-            }
-        }
-        if let Some(v) = db.get(b"mseq").map_err(&err)? {
-            st.next_seq = be_u64(&v);
-        }
-        for c in Class::ALL {
-            if let Some(v) = db.get(drop_key(c)).map_err(&err)? {
-                st.dropped[c as usize] = be_u64(&v);
-            }
-        }
-        let s = Spool {
-            db,
-            dir,
-            log_file,
+        let (db, log_file, st) = open_store(cfg)?;
+        Ok(Spool {
+            store: RwLock::new(Some(Store {
+                db,
+                log_file,
+                generation: 0,
+            })),
+            dir: cfg.dir.clone(),
             cfg: cfg.clone(),
             state: Mutex::new(st),
+            health: Mutex::new(Health {
+                failures: 0,
+                last_failure: None,
+                generation: 0,
+                next_try: Instant::now(),
+                backoff: REOPEN_FIRST,
+                attempts: 0,
+            }),
             notify: tokio::sync::Notify::new(),
-        };
-        s.sync()?;
-        if let Ok(d) = File::open(&s.dir) {
-            let _ = d.sync_all();
-        }
-        Ok(s)
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -292,6 +386,123 @@ impl Spool {
         // A poisoned lock means a panic elsewhere; the counters are still consistent
         // enough to keep going (they are recomputed at the next open).
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot_read(&self) -> std::sync::RwLockReadGuard<'_, Option<Store>> {
+        self.store.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn slot_write(&self) -> std::sync::RwLockWriteGuard<'_, Option<Store>> {
+        self.store.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on the open store. A store failure closes the store (see module doc); a
+    /// closed store is reopened first when a retry is due.
+    fn with_store<T>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, SpoolError>,
+    ) -> Result<T, SpoolError> {
+        self.reopen_if_due();
+        let slot = self.slot_read();
+        let Some(store) = slot.as_ref() else {
+            return Err(SpoolError::Unavailable {
+                path: self.dir.display().to_string(),
+            });
+        };
+        let generation = store.generation;
+        let r = f(store);
+        drop(slot);
+        if let Err(e) = &r
+            && e.is_store_failure()
+        {
+            self.close(generation, e);
+        }
+        r
+    }
+
+    /// Drop the failed store (sled's file lock goes with it) so it can be reopened.
+    fn close(&self, generation: u64, e: &SpoolError) {
+        let mut slot = self.slot_write();
+        if slot.as_ref().is_none_or(|s| s.generation != generation) {
+            return; // already closed (and maybe reopened) by another caller
+        }
+        *slot = None;
+        drop(slot);
+        let mut h = self.health();
+        h.failures += 1;
+        let now = Instant::now();
+        // Reopen at once, unless the store failed again soon after the last reopen: then
+        // keep backing off (a store that fails on every use is not reopened in a loop).
+        if h.last_failure
+            .is_some_and(|t| now - t < Duration::from_secs(60))
+        {
+            h.next_try = now + h.backoff;
+            h.backoff = (h.backoff * 2).min(REOPEN_MAX);
+        } else {
+            h.next_try = now;
+            h.backoff = REOPEN_FIRST;
+        }
+        h.last_failure = Some(now);
+        h.attempts = 0;
+        tracing::error!(error = %e, "spool store failed: closed it; reopening it from what is on disk (messages are not acknowledged meanwhile)");
+    }
+
+    fn reopen_if_due(&self) {
+        if self.slot_read().is_some() {
+            return;
+        }
+        {
+            let mut h = self.health();
+            let now = Instant::now();
+            if now < h.next_try {
+                return;
+            }
+            h.next_try = now + h.backoff;
+            h.backoff = (h.backoff * 2).min(REOPEN_MAX);
+            h.attempts += 1;
+        }
+        let mut slot = self.slot_write();
+        if slot.is_some() {
+            return;
+        }
+        match open_store(&self.cfg) {
+            Ok((db, log_file, fresh)) => {
+                let generation = {
+                    let mut h = self.health();
+                    h.generation += 1;
+                    h.attempts = 0;
+                    h.generation
+                };
+                {
+                    let mut st = self.state();
+                    let next_seq = st.next_seq.max(fresh.next_seq);
+                    *st = fresh;
+                    st.next_seq = next_seq;
+                }
+                *slot = Some(Store {
+                    db,
+                    log_file,
+                    generation,
+                });
+                drop(slot);
+                tracing::warn!(dir = %self.dir.display(), "spool store reopened");
+                self.notify.notify_waiters();
+                self.notify.notify_one();
+            }
+            Err(e) => {
+                drop(slot);
+                let attempts = self.health().attempts;
+                if attempts.is_power_of_two() {
+                    tracing::warn!(error = %e, attempts, "spool store still cannot be reopened; will retry");
+                } else {
+                    tracing::debug!(error = %e, attempts, "spool store still cannot be reopened; will retry");
+                }
+            }
+        }
     }
 
     /// A new, never reused message number (persisted with the next commit).
@@ -307,19 +518,23 @@ impl Spool {
         let mut k = Vec::with_capacity(17);
         k.push(b'r');
         k.extend_from_slice(digest);
-        self.db.contains_key(k).map_err(store_err(&self.dir))
+        self.with_store(|s| s.db.contains_key(k).map_err(store_err(&self.dir)))
     }
 
     pub fn batch(&self) -> Batch {
-        Batch::default()
+        Batch {
+            failures_seen: self.health().failures,
+            ..Batch::default()
+        }
     }
 
     /// Add an event to `batch`.
     pub fn push_event(&self, batch: &mut Batch, event: &Event) -> Result<(), SpoolError> {
         let seq = self.next_msg_id();
         let v = encode(event)?;
-        batch.added.push((event.class, v.len() as u64));
-        batch.ops.insert(qkey(event.class, seq), v);
+        let k = qkey(event.class, seq);
+        batch.added.push((k.clone(), event.class, v.len() as u64));
+        batch.ops.insert(k, v);
         Ok(())
     }
 
@@ -328,8 +543,8 @@ impl Spool {
         let seq = self.next_msg_id();
         let mut k = vec![b'd'];
         k.extend_from_slice(&seq.to_be_bytes());
-        batch.ops.insert(k, encode(dl)?);
-        batch.dead += 1;
+        batch.ops.insert(k.clone(), encode(dl)?);
+        batch.dead.push(k);
         Ok(())
     }
 
@@ -337,35 +552,19 @@ impl Spool {
     pub fn push_recent(&self, batch: &mut Batch, digest: &[u8], at_ms: i64) {
         let mut r = vec![b'r'];
         r.extend_from_slice(digest);
-        batch.ops.insert(r, &at_ms.to_be_bytes()[..]);
+        batch.ops.insert(r.clone(), &at_ms.to_be_bytes()[..]);
         let mut t = vec![b't'];
         t.extend_from_slice(&at_ms.to_be_bytes());
         t.extend_from_slice(digest);
         batch.ops.insert(t, &[][..]);
-        batch.recent += 1;
+        batch.recent.push(r);
     }
 
     /// Store `batch` durably (fdatasync) and enforce the byte budget. Only after `Ok` may
-    /// the messages in it be acknowledged to the broker.
-    pub fn commit(&self, mut batch: Batch) -> Result<CommitReport, SpoolError> {
-        let err = store_err(&self.dir);
-        let next_seq = self.state().next_seq;
-        batch.ops.insert(&b"mseq"[..], &next_seq.to_be_bytes()[..]);
-        self.db.apply_batch(batch.ops).map_err(&err)?;
-        let mut report = CommitReport::default();
-        {
-            let mut st = self.state();
-            for (c, n) in &batch.added {
-                st.queued[*c as usize] += 1;
-                st.bytes[*c as usize] += n;
-            }
-            report.stored = batch.added.len() as u64;
-            st.dead += batch.dead;
-            st.recent += batch.recent;
-        }
-        self.enforce_budget(&mut report)?;
-        self.prune()?;
-        self.sync()?;
+    /// the messages in it be acknowledged to the broker. After an error the same batch (a
+    /// clone) may be committed again.
+    pub fn commit(&self, batch: Batch) -> Result<CommitReport, SpoolError> {
+        let report = self.with_store(|s| self.commit_in(s, batch))?;
         if report.stored > 0 {
             self.notify.notify_waiters();
             self.notify.notify_one();
@@ -373,7 +572,49 @@ impl Spool {
         Ok(report)
     }
 
-    fn enforce_budget(&self, report: &mut CommitReport) -> Result<(), SpoolError> {
+    fn commit_in(&self, s: &Store, batch: Batch) -> Result<CommitReport, SpoolError> {
+        let err = store_err(&self.dir);
+        // After a store failure this batch may already be on disk: count only what is new.
+        let again = self.health().failures > batch.failures_seen;
+        let is_new = |k: &Vec<u8>| -> Result<bool, SpoolError> {
+            Ok(!again || !s.db.contains_key(k).map_err(&err)?)
+        };
+        let mut added = Vec::with_capacity(batch.added.len());
+        for (k, c, n) in &batch.added {
+            if is_new(k)? {
+                added.push((*c, *n));
+            }
+        }
+        let mut dead = 0;
+        for k in &batch.dead {
+            dead += u64::from(is_new(k)?);
+        }
+        let mut recent = 0;
+        for k in &batch.recent {
+            recent += u64::from(is_new(k)?);
+        }
+        let mut ops = batch.ops;
+        let next_seq = self.state().next_seq;
+        ops.insert(&b"mseq"[..], &next_seq.to_be_bytes()[..]);
+        s.db.apply_batch(ops).map_err(&err)?;
+        let mut report = CommitReport::default();
+        {
+            let mut st = self.state();
+            for (c, n) in &added {
+                st.queued[*c as usize] += 1;
+                st.bytes[*c as usize] += n;
+            }
+            st.dead += dead;
+            st.recent += recent;
+        }
+        report.stored = batch.added.len() as u64;
+        self.enforce_budget(s, &mut report)?;
+        self.prune(s)?;
+        self.sync_in(s)?;
+        Ok(report)
+    }
+
+    fn enforce_budget(&self, s: &Store, report: &mut CommitReport) -> Result<(), SpoolError> {
         let err = store_err(&self.dir);
         loop {
             let victim_class = {
@@ -388,16 +629,15 @@ impl Spool {
                     .find(|c| st.queued[*c as usize] > 0)
             };
             let Some(class) = victim_class else { break };
-            let Some((k, v)) = self
-                .db
-                .scan_prefix([b'q', class.as_u8()])
-                .next()
-                .transpose()
-                .map_err(&err)?
+            let Some((k, v)) =
+                s.db.scan_prefix([b'q', class.as_u8()])
+                    .next()
+                    .transpose()
+                    .map_err(&err)?
             else {
                 break;
             };
-            self.db.remove(&k).map_err(&err)?;
+            s.db.remove(&k).map_err(&err)?;
             let mut st = self.state();
             st.queued[class as usize] = st.queued[class as usize].saturating_sub(1);
             st.bytes[class as usize] = st.bytes[class as usize].saturating_sub(v.len() as u64);
@@ -405,15 +645,14 @@ impl Spool {
             report.dropped[class as usize] += 1;
             let total = st.dropped[class as usize];
             drop(st);
-            self.db
-                .insert(drop_key(class), &total.to_be_bytes()[..])
+            s.db.insert(drop_key(class), &total.to_be_bytes()[..])
                 .map_err(&err)?;
         }
         Ok(())
     }
 
     /// Keep the dead-letter store and the redelivery index within their caps.
-    fn prune(&self) -> Result<(), SpoolError> {
+    fn prune(&self, s: &Store) -> Result<(), SpoolError> {
         let err = store_err(&self.dir);
         loop {
             let over = {
@@ -423,9 +662,9 @@ impl Spool {
             if !over {
                 break;
             }
-            match self.db.scan_prefix(b"d").next().transpose().map_err(&err)? {
+            match s.db.scan_prefix(b"d").next().transpose().map_err(&err)? {
                 Some((k, _)) => {
-                    self.db.remove(k).map_err(&err)?;
+                    s.db.remove(k).map_err(&err)?;
                     let mut st = self.state();
                     st.dead -= 1;
                     tracing::warn!("dead-letter store full: removed the oldest dead letter");
@@ -437,12 +676,12 @@ impl Spool {
             if self.state().recent <= RECENT_MAX {
                 break;
             }
-            match self.db.scan_prefix(b"t").next().transpose().map_err(&err)? {
+            match s.db.scan_prefix(b"t").next().transpose().map_err(&err)? {
                 Some((k, _)) => {
                     let mut r = vec![b'r'];
                     r.extend_from_slice(k.get(9..).unwrap_or_default());
-                    self.db.remove(&k).map_err(&err)?;
-                    self.db.remove(r).map_err(&err)?;
+                    s.db.remove(&k).map_err(&err)?;
+                    s.db.remove(r).map_err(&err)?;
                     self.state().recent -= 1;
                 }
                 None => break,
@@ -453,21 +692,31 @@ impl Spool {
 
     /// Make everything written so far durable: sled flush, then fdatasync of its log.
     pub fn sync(&self) -> Result<(), SpoolError> {
-        self.db.flush().map_err(store_err(&self.dir))?;
-        self.log_file
-            .sync_data()
-            .map_err(|source| SpoolError::Sync {
-                path: self.dir.display().to_string(),
-                source,
-            })
+        self.with_store(|s| self.sync_in(s))
+    }
+
+    fn sync_in(&self, s: &Store) -> Result<(), SpoolError> {
+        s.db.flush().map_err(store_err(&self.dir))?;
+        s.log_file.sync_data().map_err(|source| SpoolError::Sync {
+            path: self.dir.display().to_string(),
+            source,
+        })
     }
 
     /// The next event to deliver: the oldest of the highest class. Undecodable records are
-    /// moved to the dead-letter store on the way.
+    /// moved to the dead-letter store on the way. While the store is unavailable (see
+    /// module doc) there is nothing to deliver.
     pub fn peek(&self) -> Result<Option<(QueueKey, Event)>, SpoolError> {
+        match self.with_store(|s| self.peek_in(s)) {
+            Err(e) if e.is_unavailable() => Ok(None),
+            r => r,
+        }
+    }
+
+    fn peek_in(&self, s: &Store) -> Result<Option<(QueueKey, Event)>, SpoolError> {
         let err = store_err(&self.dir);
         loop {
-            let Some((k, v)) = self.db.scan_prefix(b"q").next().transpose().map_err(&err)? else {
+            let Some((k, v)) = s.db.scan_prefix(b"q").next().transpose().map_err(&err)? else {
                 return Ok(None);
             };
             let key = QueueKey(k.to_vec());
@@ -483,7 +732,7 @@ impl Spool {
                         payload: v.to_vec(),
                         event: None,
                     };
-                    self.move_to_dead(&key, v.len() as u64, &dl)?;
+                    self.move_to_dead(s, &key, v.len() as u64, &dl)?;
                 }
             }
         }
@@ -494,36 +743,61 @@ impl Spool {
         self.notify.notified().await
     }
 
-    /// CHeKT accepted the event: delete it.
+    /// CHeKT accepted the event: delete it. If the store is unavailable the event stays
+    /// queued and is sent again later under the same `Idempotency-Key`.
     pub fn ack(&self, key: &QueueKey) -> Result<(), SpoolError> {
-        if let Some(v) = self.db.remove(&key.0).map_err(store_err(&self.dir))?
-            && let Some(c) = key.class()
-        {
-            let mut st = self.state();
-            st.queued[c as usize] = st.queued[c as usize].saturating_sub(1);
-            st.bytes[c as usize] = st.bytes[c as usize].saturating_sub(v.len() as u64);
+        let r = self.with_store(|s| {
+            if let Some(v) = s.db.remove(&key.0).map_err(store_err(&self.dir))?
+                && let Some(c) = key.class()
+            {
+                let mut st = self.state();
+                st.queued[c as usize] = st.queued[c as usize].saturating_sub(1);
+                st.bytes[c as usize] = st.bytes[c as usize].saturating_sub(v.len() as u64);
+            }
+            Ok(())
+        });
+        match r {
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(seq = key.seq(), error = %e, "delivered event not removed (store unavailable); it will be sent again under the same Idempotency-Key");
+                Ok(())
+            }
+            r => r,
         }
-        Ok(())
     }
 
-    /// CHeKT rejected the event permanently: move it to the dead-letter store.
+    /// CHeKT rejected the event permanently: move it to the dead-letter store. If the store
+    /// is unavailable the event stays queued (and is tried again later).
     pub fn dead_letter(&self, key: &QueueKey, dl: &DeadLetter) -> Result<(), SpoolError> {
-        let len = self
-            .db
-            .get(&key.0)
-            .map_err(store_err(&self.dir))?
-            .map(|v| v.len() as u64)
-            .unwrap_or(0);
-        self.move_to_dead(key, len, dl)
+        let r = self.with_store(|s| {
+            let len =
+                s.db.get(&key.0)
+                    .map_err(store_err(&self.dir))?
+                    .map(|v| v.len() as u64)
+                    .unwrap_or(0);
+            self.move_to_dead(s, key, len, dl)
+        });
+        match r {
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(seq = key.seq(), error = %e, "rejected event not moved to dead letters (store unavailable); it stays queued");
+                Ok(())
+            }
+            r => r,
+        }
     }
 
-    fn move_to_dead(&self, key: &QueueKey, len: u64, dl: &DeadLetter) -> Result<(), SpoolError> {
+    fn move_to_dead(
+        &self,
+        s: &Store,
+        key: &QueueKey,
+        len: u64,
+        dl: &DeadLetter,
+    ) -> Result<(), SpoolError> {
         let mut b = sled::Batch::default();
         b.remove(key.0.clone());
         let mut k = vec![b'd'];
         k.extend_from_slice(&self.next_msg_id().to_be_bytes());
         b.insert(k, encode(dl)?);
-        self.db.apply_batch(b).map_err(store_err(&self.dir))?;
+        s.db.apply_batch(b).map_err(store_err(&self.dir))?;
         let mut st = self.state();
         if let Some(c) = key.class() {
             st.queued[c as usize] = st.queued[c as usize].saturating_sub(1);
@@ -535,34 +809,40 @@ impl Spool {
 
     /// All dead letters, oldest first. Undecodable ones are reported as such.
     pub fn dead_letters(&self) -> Result<Vec<Result<DeadLetter, String>>, SpoolError> {
-        self.db
-            .scan_prefix(b"d")
-            .map(|r| {
-                r.map(|(_, v)| decode::<DeadLetter>(&v))
-                    .map_err(store_err(&self.dir))
-            })
-            .collect()
+        self.with_store(|s| {
+            s.db.scan_prefix(b"d")
+                .map(|r| {
+                    r.map(|(_, v)| decode::<DeadLetter>(&v))
+                        .map_err(store_err(&self.dir))
+                })
+                .collect()
+        })
     }
 
     /// Queued events in delivery order (for `spool list` and tests).
     pub fn queued(&self, limit: usize) -> Result<Vec<Result<Event, String>>, SpoolError> {
-        self.db
-            .scan_prefix(b"q")
-            .take(limit)
-            .map(|r| {
-                r.map(|(_, v)| decode::<Event>(&v))
-                    .map_err(store_err(&self.dir))
-            })
-            .collect()
+        self.with_store(|s| {
+            s.db.scan_prefix(b"q")
+                .take(limit)
+                .map(|r| {
+                    r.map(|(_, v)| decode::<Event>(&v))
+                        .map_err(store_err(&self.dir))
+                })
+                .collect()
+        })
     }
 
     pub fn stats(&self) -> Stats {
+        let unavailable = self.slot_read().is_none();
+        let store_failures = self.health().failures;
         let st = self.state();
         Stats {
             queued: st.queued,
             live_bytes: st.live_bytes(),
             dropped: st.dropped,
             dead_letters: st.dead,
+            store_failures,
+            unavailable,
         }
     }
 
@@ -706,5 +986,20 @@ mod tests {
         let reset = reset.expect("store was reset");
         assert!(reset.moved_to.exists());
         assert_eq!(s.stats().backlog(), 0);
+    }
+
+    #[test]
+    fn a_store_locked_by_another_process_is_not_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 1 << 20);
+        let (s, _) = Spool::open(&c).unwrap();
+        put(&s, &[ev(Class::Alarm, 1)]);
+        // A second open (`spool status` while the agent runs) must fail, not move it away.
+        let e = Spool::open(&c).err().expect("the store is locked");
+        assert!(e.keeps_store_in_place(), "{e}");
+        assert!(c.dir.join("db").exists());
+        let siblings = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(siblings, 1, "nothing set aside");
+        assert_eq!(s.stats().backlog(), 1);
     }
 }

