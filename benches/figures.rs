@@ -183,7 +183,12 @@ impl Agent {
     /// The last STATUS= line and the tail of the agent's log, for error messages.
     fn diagnose(&self) -> String {
         let log = std::fs::read_to_string(self._sock_dir.join("agent.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().filter(|l| !l.contains("will retry") && !l.contains("access token yet")).rev().take(15).collect();
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("will retry") && !l.contains("access token yet"))
+            .rev()
+            .take(15)
+            .collect();
         format!(
             "last status: {:?}\nagent log tail:\n{}",
             self.status.lock().unwrap(),

@@ -337,7 +337,7 @@ fn prepare_batch(
                         continue;
                     }
                     spool.push_event(&mut batch, e)?;
-                    spool.push_recent(&mut batch, &idkey, now);
+                    spool.push_recent(&mut batch, &idkey);
                     seen_in_batch.push(idkey);
                     events += 1;
                 }
@@ -362,7 +362,7 @@ fn prepare_batch(
                 dead += 1;
             }
         }
-        spool.push_recent(&mut batch, &digest, now);
+        spool.push_recent(&mut batch, &digest);
         seen_in_batch.push(digest);
     }
     Ok(Prepared {

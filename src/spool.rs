@@ -5,10 +5,12 @@
 //! - `q` ‖ class (u8) ‖ seq (u64 BE) → queued event: `VERSION` ‖ postcard([`Event`]).
 //!   Iteration order is class, then seq: delivery order (alarm first, FIFO within a class).
 //! - `d` ‖ seq (u64 BE) → dead letter: `VERSION` ‖ postcard([`DeadLetter`]).
-//! - `r` ‖ tag → receipt time (i64 BE): messages (`m` ‖ 16-byte digest) and event
-//!   identities (`e` ‖ id) recently spooled, so a broker's redelivery (MQTT DUP) or a
+//! - `t` ‖ seq (u64 BE) → tag: messages (`m` ‖ 16-byte digest) and event identities
+//!   (`e` ‖ id) recently spooled, oldest first, so a broker's redelivery (MQTT DUP) or a
 //!   device's republish of something already durable is recognised and not spooled twice.
-//! - `t` ‖ time (i64 BE) ‖ tag → () : age index of `r`, for pruning.
+//!   The newest [`RECENT_MAX`] are kept; they are also held in memory (a set loaded at
+//!   open), so checking one costs no store read and adding one is an append at the end
+//!   of the key space, not a random write.
 //! - `m` ‖ name → counters (u64 BE): `seq` (next sequence number), `drop` ‖ class.
 //!
 //! # Invariants
@@ -52,8 +54,9 @@ use crate::event::{Class, Event};
 
 /// Record format version, first byte of every value.
 const VERSION: u8 = 1;
-/// How many recent message digests are kept for redelivery detection.
-const RECENT_MAX: u64 = 20_000;
+/// How many recent message digests and identities are kept for redelivery detection:
+/// far more than can be in flight between the broker and the spool at a crash.
+pub const RECENT_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -174,7 +177,10 @@ struct State {
     bytes: [u64; 4],
     dropped: [u64; 4],
     dead: u64,
-    recent: u64,
+    /// Recent tags (see the layout) and the sequence number of their `t` key.
+    recent: std::collections::HashMap<Vec<u8>, u64>,
+    /// `t` keys in the store (a tag spooled twice has two).
+    recent_keys: usize,
 }
 
 impl State {
@@ -191,7 +197,8 @@ pub struct Batch {
     /// Queue key, class, encoded length.
     added: Vec<(Vec<u8>, Class, u64)>,
     dead: Vec<Vec<u8>>,
-    recent: Vec<Vec<u8>>,
+    /// `t` key and tag.
+    recent: Vec<(Vec<u8>, Vec<u8>)>,
     /// `Health::failures` when the batch was made: a later failure means it may be on disk
     /// already (partly or wholly).
     failures_seen: u64,
@@ -292,7 +299,11 @@ fn open_store(cfg: &SpoolConfig) -> Result<(sled::Db, File, State), SpoolError> 
                 st.bytes[class as usize] += v.len() as u64;
             }
             Some(b'd') => st.dead += 1,
-            Some(b'r') => st.recent += 1,
+            Some(b't') => {
+                let seq = k.get(1..9).map(be_u64).unwrap_or(0);
+                st.recent.insert(v.to_vec(), seq);
+                st.recent_keys += 1;
+            }
             _ => {}
         }
     }
@@ -513,12 +524,9 @@ impl Spool {
         id
     }
 
-    /// True if a message with this digest was spooled recently (a redelivery).
-    pub fn seen_recently(&self, digest: &[u8]) -> Result<bool, SpoolError> {
-        let mut k = Vec::with_capacity(17);
-        k.push(b'r');
-        k.extend_from_slice(digest);
-        self.with_store(|s| s.db.contains_key(k).map_err(store_err(&self.dir)))
+    /// True if `tag` (a message digest or event identity) was spooled recently.
+    pub fn seen_recently(&self, tag: &[u8]) -> Result<bool, SpoolError> {
+        Ok(self.state().recent.contains_key(tag))
     }
 
     pub fn batch(&self) -> Batch {
@@ -548,16 +556,14 @@ impl Spool {
         Ok(())
     }
 
-    /// Remember that the message with `digest` is in this batch.
-    pub fn push_recent(&self, batch: &mut Batch, digest: &[u8], at_ms: i64) {
-        let mut r = vec![b'r'];
-        r.extend_from_slice(digest);
-        batch.ops.insert(r.clone(), &at_ms.to_be_bytes()[..]);
-        let mut t = vec![b't'];
-        t.extend_from_slice(&at_ms.to_be_bytes());
-        t.extend_from_slice(digest);
-        batch.ops.insert(t, &[][..]);
-        batch.recent.push(r);
+    /// Remember that `tag` (a message digest or event identity) is in this batch.
+    pub fn push_recent(&self, batch: &mut Batch, tag: &[u8]) {
+        let seq = self.next_msg_id();
+        let mut t = Vec::with_capacity(9);
+        t.push(b't');
+        t.extend_from_slice(&seq.to_be_bytes());
+        batch.ops.insert(t.clone(), tag);
+        batch.recent.push((t, tag.to_vec()));
     }
 
     /// Store `batch` durably (fdatasync) and enforce the byte budget. Only after `Ok` may
@@ -589,10 +595,7 @@ impl Spool {
         for k in &batch.dead {
             dead += u64::from(is_new(k)?);
         }
-        let mut recent = 0;
-        for k in &batch.recent {
-            recent += u64::from(is_new(k)?);
-        }
+
         let mut ops = batch.ops;
         let next_seq = self.state().next_seq;
         ops.insert(&b"mseq"[..], &next_seq.to_be_bytes()[..]);
@@ -605,7 +608,13 @@ impl Spool {
                 st.bytes[*c as usize] += n;
             }
             st.dead += dead;
-            st.recent += recent;
+            for (k, tag) in &batch.recent {
+                if !again || st.recent.get(tag) != k.get(1..9).map(be_u64).as_ref() {
+                    st.recent_keys += 1;
+                }
+                st.recent
+                    .insert(tag.clone(), k.get(1..9).map(be_u64).unwrap_or(0));
+            }
         }
         report.stored = batch.added.len() as u64;
         self.enforce_budget(s, &mut report)?;
@@ -672,20 +681,26 @@ impl Spool {
                 None => break,
             }
         }
-        loop {
-            if self.state().recent <= RECENT_MAX {
-                break;
-            }
-            match s.db.scan_prefix(b"t").next().transpose().map_err(&err)? {
-                Some((k, _)) => {
-                    let mut r = vec![b'r'];
-                    r.extend_from_slice(k.get(9..).unwrap_or_default());
-                    s.db.remove(&k).map_err(&err)?;
-                    s.db.remove(r).map_err(&err)?;
-                    self.state().recent -= 1;
+        // Oldest `t` keys first; a tag seen again later keeps its newer key in memory.
+        let excess = self.state().recent_keys.saturating_sub(RECENT_MAX);
+        if excess > 0 {
+            let old: Vec<(sled::IVec, sled::IVec)> =
+                s.db.scan_prefix(b"t")
+                    .take(excess)
+                    .collect::<Result<_, _>>()
+                    .map_err(&err)?;
+            let mut b = sled::Batch::default();
+            let mut st = self.state();
+            for (k, tag) in old {
+                let seq = k.get(1..9).map(be_u64).unwrap_or(0);
+                if st.recent.get(tag.as_ref()) == Some(&seq) {
+                    st.recent.remove(tag.as_ref());
                 }
-                None => break,
+                b.remove(k);
+                st.recent_keys = st.recent_keys.saturating_sub(1);
             }
+            drop(st);
+            s.db.apply_batch(b).map_err(&err)?;
         }
         Ok(())
     }
@@ -970,6 +985,47 @@ mod tests {
         drop(s);
         let (s, _) = Spool::open(&c).unwrap();
         assert_eq!(s.stats().dropped, st.dropped, "drop counters persist");
+    }
+
+    #[test]
+    fn recent_tags_survive_reopen_and_stay_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(dir.path(), 1 << 20);
+        {
+            let (s, _) = Spool::open(&c).unwrap();
+            let mut b = s.batch();
+            s.push_recent(&mut b, b"mfirst");
+            s.commit(b).unwrap();
+            assert!(s.seen_recently(b"mfirst").unwrap());
+            assert!(!s.seen_recently(b"mother").unwrap());
+        }
+        let (s, _) = Spool::open(&c).unwrap();
+        assert!(
+            s.seen_recently(b"mfirst").unwrap(),
+            "durable across restarts"
+        );
+        // The same tag again and again, and many new ones: the store keeps RECENT_MAX keys.
+        for round in 0..3 {
+            let mut b = s.batch();
+            for i in 0..RECENT_MAX {
+                s.push_recent(&mut b, b"mrepeat");
+                s.push_recent(&mut b, format!("m{round}-{i}").as_bytes());
+            }
+            s.commit(b).unwrap();
+        }
+        let keys = s
+            .with_store(|st| Ok(st.db.scan_prefix(b"t").count()))
+            .unwrap();
+        assert_eq!(keys, RECENT_MAX);
+        assert!(s.seen_recently(b"mrepeat").unwrap());
+        assert!(
+            !s.seen_recently(b"mfirst").unwrap(),
+            "the oldest were pruned"
+        );
+        assert!(
+            s.seen_recently(format!("m2-{}", RECENT_MAX - 1).as_bytes())
+                .unwrap()
+        );
     }
 
     #[test]
