@@ -889,6 +889,21 @@ mod tests {
     use super::*;
     use crate::event::{EventStatus, EventType};
 
+    /// Open, retrying briefly while sled's background thread of a store dropped a moment
+    /// ago in this process still holds its file lock (sled 0.34 releases it late).
+    fn reopen(c: &SpoolConfig) -> (Spool, Option<Reset>) {
+        let start = std::time::Instant::now();
+        loop {
+            match Spool::open(c) {
+                Ok(r) => return r,
+                Err(e) if e.keeps_store_in_place() && start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     pub(crate) fn cfg(dir: &Path, max_bytes: u64) -> SpoolConfig {
         SpoolConfig {
             dir: dir.join("spool"),
@@ -937,7 +952,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 1 << 20);
         {
-            let (s, reset) = Spool::open(&c).unwrap();
+            let (s, reset) = reopen(&c);
             assert!(reset.is_none());
             put(
                 &s,
@@ -949,7 +964,7 @@ mod tests {
                 ],
             );
         }
-        let (s, _) = Spool::open(&c).unwrap();
+        let (s, _) = reopen(&c);
         assert_eq!(s.stats().backlog(), 4);
         let mut order = vec![];
         while let Some((k, e)) = s.peek().unwrap() {
@@ -964,7 +979,7 @@ mod tests {
     fn budget_drops_lowest_class_oldest_first_and_counts() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 64 * 1024);
-        let (s, _) = Spool::open(&c).unwrap();
+        let (s, _) = reopen(&c);
         let alarms: Vec<Event> = (0..100).map(|i| ev(Class::Alarm, i)).collect();
         put(&s, &alarms);
         let routine: Vec<Event> = (1000..2000).map(|i| ev(Class::Other, i)).collect();
@@ -983,7 +998,7 @@ mod tests {
             .unwrap();
         assert!(first_other.received_at_ms > 1000);
         drop(s);
-        let (s, _) = Spool::open(&c).unwrap();
+        let (s, _) = reopen(&c);
         assert_eq!(s.stats().dropped, st.dropped, "drop counters persist");
     }
 
@@ -992,14 +1007,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 1 << 20);
         {
-            let (s, _) = Spool::open(&c).unwrap();
+            let (s, _) = reopen(&c);
             let mut b = s.batch();
             s.push_recent(&mut b, b"mfirst");
             s.commit(b).unwrap();
             assert!(s.seen_recently(b"mfirst").unwrap());
             assert!(!s.seen_recently(b"mother").unwrap());
         }
-        let (s, _) = Spool::open(&c).unwrap();
+        let (s, _) = reopen(&c);
         assert!(
             s.seen_recently(b"mfirst").unwrap(),
             "durable across restarts"
@@ -1033,12 +1048,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 1 << 20);
         {
-            let (s, _) = Spool::open(&c).unwrap();
+            let (s, _) = reopen(&c);
             put(&s, &[ev(Class::Alarm, 1)]);
         }
         std::fs::write(c.dir.join("conf"), b"garbage that is not a sled config").unwrap();
         std::fs::write(c.dir.join("db"), vec![0xAB; 4096]).unwrap();
-        let (s, reset) = Spool::open(&c).unwrap();
+        let (s, reset) = reopen(&c);
         let reset = reset.expect("store was reset");
         assert!(reset.moved_to.exists());
         assert_eq!(s.stats().backlog(), 0);
@@ -1048,7 +1063,7 @@ mod tests {
     fn a_store_locked_by_another_process_is_not_set_aside() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(dir.path(), 1 << 20);
-        let (s, _) = Spool::open(&c).unwrap();
+        let (s, _) = reopen(&c);
         put(&s, &[ev(Class::Alarm, 1)]);
         // A second open (`spool status` while the agent runs) must fail, not move it away.
         let e = Spool::open(&c).err().expect("the store is locked");

@@ -48,8 +48,8 @@ async fn kill_while_streaming(port: u16, events: usize, kills: usize, broker_set
     eprintln!("kill test seed {seed}");
     let mut rng = Rng(seed);
     let mut child = spawn_agent(&tb.config_path, &log);
-    // Let the first run register its persistent session before publishing starts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first run must have its persistent session and subscription before publishing.
+    crate::support::wait_delivering(port, &tb.sim, "probe-start").await;
     let msgs: Vec<_> = (0..events)
         .map(|i| {
             let body = if i % 3 == 0 {
@@ -89,6 +89,7 @@ async fn kill_while_streaming(port: u16, events: usize, kills: usize, broker_set
                     .unwrap_or_default()
                     .to_string()
             })
+            .filter(|d| d.starts_with('k'))
             .collect();
         if seen.len() >= events {
             break;
@@ -118,6 +119,13 @@ async fn kill_while_streaming(port: u16, events: usize, kills: usize, broker_set
     // Duplicates must share one key: each description maps to exactly one key.
     let mut keys: HashMap<String, Vec<String>> = HashMap::new();
     for r in tb.sim.received() {
+        if !r.body["description"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with('k')
+        {
+            continue; // the start-up probe
+        }
         keys.entry(
             r.body["description"]
                 .as_str()
@@ -194,9 +202,9 @@ async fn sigterm_stops_cleanly_and_the_spool_survives() {
     .await
     .unwrap();
     let log = tb.path("agent.log");
-    tb.sim.set_outage(true);
     let child = spawn_agent(&tb.config_path, &log);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    crate::support::wait_delivering(port, &tb.sim, "probe-start").await;
+    tb.sim.set_outage(true);
     let msgs: Vec<_> = (0..30)
         .map(|i| {
             (
@@ -206,7 +214,9 @@ async fn sigterm_stops_cleanly_and_the_spool_survives() {
         })
         .collect();
     publish_all(port, "term-publisher", msgs).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The broker has them; give the agent time to take and spool them (generous for
+    // emulation: anything it has not taken stays with the broker and fails the count below).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     sigterm(&child);
     let mut child = child;
     let start = Instant::now();
@@ -236,7 +246,19 @@ async fn sigterm_stops_cleanly_and_the_spool_survives() {
     tb.sim.set_outage(false);
     let mut child = spawn_agent(&tb.config_path, &log);
     let start = Instant::now();
-    while tb.sim.received().len() < 30 {
+    let spooled = || {
+        tb.sim
+            .received()
+            .iter()
+            .filter(|r| {
+                r.body["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with('s')
+            })
+            .count()
+    };
+    while spooled() < 30 {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "spooled events not delivered after restart"

@@ -180,3 +180,30 @@ pub fn scratch() -> (tempfile::TempDir, PathBuf) {
     let p = d.path().to_path_buf();
     (d, p)
 }
+
+/// Publish a probe event and wait until CHeKT has it: the agent behind `port` is connected,
+/// subscribed and delivering. Slow machines and emulation need far more than a fixed sleep.
+pub async fn wait_delivering(port: u16, sim: &chekt_agent::simulator::Simulator, tag: &str) {
+    let probe = json_event("trouble", "active", None, tag, false);
+    let start = Instant::now();
+    loop {
+        publish_all(
+            port,
+            &format!("probe-{tag}"),
+            vec![("site/probe/events".to_string(), probe.clone())],
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if sim.received().iter().any(|r| r.body["description"] == tag) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Published before the agent subscribed: a non-persistent message for nobody. Again.
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the agent never delivered the probe {tag}"
+        );
+    }
+}
