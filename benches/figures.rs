@@ -315,6 +315,23 @@ impl Publisher {
     }
 }
 
+/// Publish routine events at 1,000 a second (in bursts of 10) for `secs`; returns how many.
+async fn publish_at_1000_per_s(publisher: &Publisher, secs: u64) -> usize {
+    let t0 = Instant::now();
+    let mut n = 0usize;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        for _ in 0..10 {
+            publisher.publish("site/nvr1/events", routine(n)).await;
+            n += 1;
+        }
+        tokio::time::sleep_until(tokio::time::Instant::from_std(
+            t0 + Duration::from_millis(n as u64),
+        ))
+        .await;
+    }
+    n
+}
+
 async fn wait_until(
     limit: Duration,
     what: &str,
@@ -557,18 +574,7 @@ async fn run(s: &Scale, quick: bool) -> anyhow::Result<()> {
 
         // 1,000 events/s sustained.
         let before = rss_kib(pid);
-        let t0 = Instant::now();
-        let mut n = 0usize;
-        while t0.elapsed() < Duration::from_secs(s.sustained_secs) {
-            for _ in 0..10 {
-                publisher.publish("site/nvr1/events", routine(n)).await;
-                n += 1;
-            }
-            tokio::time::sleep_until(tokio::time::Instant::from_std(
-                t0 + Duration::from_millis(n as u64),
-            ))
-            .await;
-        }
+        let n = publish_at_1000_per_s(&publisher, s.sustained_secs).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (rss, hwm) = rss_kib(pid);
         println!(
@@ -594,18 +600,7 @@ async fn run(s: &Scale, quick: bool) -> anyhow::Result<()> {
         .await?;
         let publisher = Publisher::new(mosq.port, "bench-sustained");
         let pid = agent.pid();
-        let t0 = Instant::now();
-        let mut n = 0usize;
-        while t0.elapsed() < Duration::from_secs(s.sustained_secs) {
-            for _ in 0..10 {
-                publisher.publish("site/nvr1/events", routine(n)).await;
-                n += 1;
-            }
-            tokio::time::sleep_until(tokio::time::Instant::from_std(
-                t0 + Duration::from_millis(n as u64),
-            ))
-            .await;
-        }
+        let n = publish_at_1000_per_s(&publisher, s.sustained_secs).await;
         let delivered = tb.sim.stats().events_accepted;
         let (rss, hwm) = rss_kib(pid);
         println!(
@@ -626,7 +621,7 @@ async fn run(s: &Scale, quick: bool) -> anyhow::Result<()> {
         let t0 = Instant::now();
         fill_store(&cfg.spool, s.backlog)?;
         let fill = t0.elapsed();
-        let disk = dir_size(&cfg.spool.dir);
+        let disk = chekt_agent::spool::dir_size(&cfg.spool.dir);
         tb.sim.set_outage(true);
         let t1 = Instant::now();
         let agent = Agent::start(&tb.config_path, None)?;
@@ -773,18 +768,4 @@ fn fill_store(cfg: &SpoolConfig, n: usize) -> anyhow::Result<()> {
         spool.commit(b)?;
     }
     Ok(())
-}
-
-fn dir_size(p: &Path) -> u64 {
-    std::fs::read_dir(p)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }

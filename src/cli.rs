@@ -254,15 +254,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             } else {
                 println!("auth: static API key (bring-up tier)");
             }
-            println!(
-                "config OK: {} (site {}: location {}, {} zones, {} cameras, {} topic rules)",
-                cfg.path.display(),
-                cfg.site_file.display(),
-                site.location_id,
-                site.zones.len(),
-                site.cameras.len(),
-                site.rules.len()
-            );
+            println!("{}", cfg.summary(&site));
             Ok(EX_OK)
         }
         Command::Provision(args) => {

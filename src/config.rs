@@ -296,6 +296,19 @@ impl Config {
         Ok((cfg, site))
     }
 
+    /// The one-line "config OK" summary `check-config` and `provision` print.
+    pub fn summary(&self, site: &SiteConfig) -> String {
+        format!(
+            "config OK: {} (site {}: location {}, {} zones, {} cameras, {} topic rules)",
+            self.path.display(),
+            self.site_file.display(),
+            site.location_id,
+            site.zones.len(),
+            site.cameras.len(),
+            site.rules.len()
+        )
+    }
+
     /// Parse and validate configuration text; `path` is used in errors and to resolve
     /// relative paths (relative to the file's directory).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {

@@ -291,15 +291,7 @@ pub fn run(config: &Path, args: &ProvisionArgs) -> Result<(), ProvisionError> {
         }
         store.next()?;
     }
-    eprintln!(
-        "config OK: {} (site {}: location {}, {} zones, {} cameras, {} topic rules)",
-        cfg.path.display(),
-        cfg.site_file.display(),
-        site.location_id,
-        site.zones.len(),
-        site.cameras.len(),
-        site.rules.len()
-    );
+    eprintln!("{}", cfg.summary(&site));
     eprintln!("start it: systemctl enable --now chekt-agent (or restart it if it is running)");
     Ok(())
 }

@@ -871,7 +871,8 @@ fn drop_key(c: Class) -> Vec<u8> {
     vec![b'm', b'd', b'r', b'o', b'p', c.as_u8()]
 }
 
-fn dir_size(p: &Path) -> u64 {
+/// Bytes the files below `p` take (recursively); unreadable entries count 0.
+pub fn dir_size(p: &Path) -> u64 {
     let Ok(rd) = std::fs::read_dir(p) else {
         return 0;
     };
