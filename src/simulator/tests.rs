@@ -543,7 +543,19 @@ async fn outage_round_trip() {
     assert!(!err.is_status() && !err.is_timeout(), "{err:?}");
     f.sim.set_outage(false);
     assert_eq!(f.sim.local_addr(), addr);
-    assert_eq!(f.post(&t, "k-2", &event("2")).await.status(), 201);
+    // The same port serves new connections again. A fresh client, because the old one may
+    // still hold the k-1 keep-alive connection the outage killed: hyper returns it to the
+    // pool asynchronously, so on a multi-thread runtime it can be handed out after the
+    // outage and be reset. (The agent retries such a reset like any connection error.)
+    let r = client_for(&f.sim)
+        .post(f.sim.events_url())
+        .bearer_auth(&t)
+        .header("Idempotency-Key", "k-2")
+        .json(&event("2"))
+        .send()
+        .await
+        .expect("a new connection after the outage");
+    assert_eq!(r.status(), 201);
     assert_eq!(f.sim.received().len(), 2);
     f.sim.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
