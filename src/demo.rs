@@ -120,12 +120,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     wait_for(Duration::from_secs(10), || {
         running
             .ingest
-            .connected
+            .subscribed
             .load(std::sync::atomic::Ordering::Relaxed)
     })
     .await
-    .context("the agent did not connect to the embedded broker")?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    .context("the agent did not connect and subscribe to the embedded broker")?;
 
     let expected_before = BEFORE.len() - 1; // the malformed one is dead-lettered
     for (topic, payload, what) in BEFORE {

@@ -3,9 +3,11 @@
 //!
 //! Two tasks:
 //! - the **MQTT loop** owns rumqttc's event loop: persistent session (stable client id,
-//!   clean session off), QoS 1 subscriptions to every topic-rule filter, reconnects with
-//!   exponential backoff, forwards each PUBLISH to the committer, and sends PUBACKs when the
-//!   committer says a message is durable;
+//!   clean session off), QoS 1 subscriptions to every topic-rule filter (one SUBSCRIBE per
+//!   connection, its SUBACK checked: a filter the broker refuses is logged and raised as a
+//!   `subscription_refused` trouble event, since no event on it can ever arrive), reconnects
+//!   with exponential backoff, forwards each PUBLISH to the committer, and sends PUBACKs
+//!   when the committer says a message is durable;
 //! - the **committer** takes whatever messages are waiting (up to `spool.max_batch`),
 //!   normalizes them, writes events and dead letters to the spool in one batch behind one
 //!   fsync (group commit), and only then hands the PUBLISHes back for acknowledgement.
@@ -26,11 +28,14 @@
 //!   uploader may already have sent some of it), and a new identity would send those events
 //!   to CHeKT a second time under another `Idempotency-Key`.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
+    SubscribeReasonCode,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +44,10 @@ use crate::config::MqttConfig;
 use crate::normalize::{Inbound, Outcome, normalize};
 use crate::site::SiteConfig;
 use crate::spool::{DeadLetter, Spool};
+
+/// Logged (info) when the broker answered the SUBSCRIBE of a connection; from then on it
+/// keeps this client's messages in its persistent session.
+pub const SUBSCRIBED_LOG: &str = "the broker answered the subscriptions";
 
 /// Largest MQTT packet accepted from the broker.
 pub const MAX_PACKET: usize = 256 * 1024;
@@ -66,7 +75,11 @@ pub struct IngestStats {
     /// Events not spooled because one with the same identity was spooled recently.
     pub duplicates_skipped: AtomicU64,
     pub commits: AtomicU64,
-    pub connected: std::sync::atomic::AtomicBool,
+    pub connected: AtomicBool,
+    /// The broker answered this connection's SUBSCRIBE (each filter granted or refused).
+    pub subscribed: AtomicBool,
+    /// Filters the broker refused on this connection.
+    pub subscriptions_refused: AtomicU64,
 }
 
 /// What both ingest loops share: counters, their heartbeat, the clock.
@@ -101,6 +114,7 @@ pub async fn mqtt_loop(
     site: SharedSite,
     to_commit: mpsc::Sender<Received>,
     mut durable: mpsc::UnboundedReceiver<Durable>,
+    spool: Arc<Spool>,
     ctx: LoopCtx,
     shutdown: CancellationToken,
 ) {
@@ -113,6 +127,10 @@ pub async fn mqtt_loop(
     let mut generation: u64 = 0;
     let mut backoff = Duration::from_millis(200);
     let mut pending_acks: std::collections::VecDeque<Publish> = Default::default();
+    // The filters of this connection's SUBSCRIBE, in order, and the refused set last raised
+    // as a trouble event (raised again only when it changes).
+    let mut subscribing: Vec<String> = Vec::new();
+    let mut refused_raised: Vec<String> = Vec::new();
     loop {
         heartbeat.store(clock.local_ms(), Ordering::Relaxed);
         // Acks queue into rumqttc's request channel; the event loop sends them on its
@@ -137,12 +155,22 @@ pub async fn mqtt_loop(
                 Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                     backoff = Duration::from_millis(200);
                     stats.connected.store(true, Ordering::Relaxed);
-                    let filters = site.read().map(|s| s.filters()).unwrap_or_default();
-                    tracing::info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, filters = ?filters, "connected to MQTT broker");
-                    for f in filters {
-                        if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(filter = %f, error = %e, "cannot subscribe");
-                        }
+                    stats.subscribed.store(false, Ordering::Relaxed);
+                    subscribing = site.read().map(|s| s.filters()).unwrap_or_default();
+                    tracing::info!(host = %cfg.host, port = cfg.port, session_present = ack.session_present, filters = ?subscribing, "connected to MQTT broker");
+                    let all = subscribing.iter().map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                    if let Err(e) = client.try_subscribe_many(all) {
+                        tracing::error!(filters = ?subscribing, error = %e, "cannot subscribe");
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(ack))) => {
+                    let refused = check_suback(&subscribing, &ack.return_codes);
+                    tracing::info!(filters = subscribing.len(), refused = refused.len(), "{SUBSCRIBED_LOG}");
+                    stats.subscriptions_refused.store(refused.len() as u64, Ordering::Relaxed);
+                    stats.subscribed.store(true, Ordering::Relaxed);
+                    if !refused.is_empty() && refused != refused_raised {
+                        raise_refused(&spool, &site, &clock, &refused);
+                        refused_raised = refused;
                     }
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
@@ -156,6 +184,7 @@ pub async fn mqtt_loop(
                 Ok(_) => {}
                 Err(e) => {
                     stats.connected.store(false, Ordering::Relaxed);
+                    stats.subscribed.store(false, Ordering::Relaxed);
                     generation += 1;
                     pending_acks.clear();
                     tracing::warn!(host = %cfg.host, port = cfg.port, error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT connection lost or refused");
@@ -188,6 +217,57 @@ pub async fn mqtt_loop(
     })
     .await;
     stats.connected.store(false, Ordering::Relaxed);
+    stats.subscribed.store(false, Ordering::Relaxed);
+}
+
+/// Log what the broker granted for each filter of one SUBSCRIBE; return the refused ones.
+fn check_suback(filters: &[String], codes: &[SubscribeReasonCode]) -> Vec<String> {
+    if codes.len() != filters.len() {
+        tracing::warn!(filters = ?filters, codes = ?codes, "SUBACK does not match the SUBSCRIBE");
+    }
+    let mut refused = Vec::new();
+    for (f, code) in filters.iter().zip(codes) {
+        match code {
+            SubscribeReasonCode::Failure => {
+                tracing::error!(filter = %f, "the broker refused the subscription: no event on this filter can arrive; allow this client to read it in the broker's ACL");
+                refused.push(f.clone());
+            }
+            SubscribeReasonCode::Success(QoS::AtMostOnce) => {
+                tracing::warn!(filter = %f, "the broker granted QoS 0 only: it will not redeliver a message the agent did not acknowledge");
+            }
+            SubscribeReasonCode::Success(_) => {
+                tracing::debug!(filter = %f, "subscribed");
+            }
+        }
+    }
+    refused
+}
+
+/// Raise `subscription_refused` as a trouble event, so CHeKT learns that this site's
+/// events on those filters cannot arrive.
+fn raise_refused(spool: &Spool, site: &SharedSite, clock: &Clock, refused: &[String]) {
+    let site: Arc<SiteConfig> = match site.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    let ev = crate::event::Event::agent_trouble(
+        &site.location_id,
+        site.recorder_id.as_deref(),
+        clock.now_ms(),
+        "subscription_refused",
+        format!(
+            "the site's MQTT broker refused the agent's subscription to {}: events published there cannot reach CHeKT",
+            refused.join(", ")
+        ),
+    );
+    match crate::pipeline::enqueue(spool, &ev) {
+        Ok(()) => {
+            tracing::error!(filters = ?refused, "raised a subscription_refused trouble event")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record the subscription_refused trouble event")
+        }
+    }
 }
 
 /// Digest of a message, for redelivery detection.

@@ -2,8 +2,8 @@
 //! them in order.
 //!
 //! Owns: task start-up and shutdown order, the watchdog decision (all loops turned
-//! recently), status lines, site-configuration reload, and the agent's own trouble events
-//! (store reset, events dropped for space).
+//! recently), status lines, site-configuration reload, and the store-reset trouble event
+//! (ingest raises the ones for events dropped for space and refused subscriptions).
 //!
 //! Shutdown (driven by a future or token, so tests drive it like SIGTERM does):
 //! 1. stop taking messages: the MQTT loop disconnects; unacknowledged messages stay with
@@ -134,6 +134,7 @@ impl Running {
             site.clone(),
             to_commit,
             durable_rx,
+            spool.clone(),
             ingest::LoopCtx {
                 stats: ingest_stats.clone(),
                 heartbeat: beats[0].clone(),
@@ -217,12 +218,22 @@ impl Running {
             last,
             s.dead_letters,
             s.dropped.iter().sum::<u64>(),
-            if self.ingest.connected.load(Ordering::Relaxed) {
-                "connected"
-            } else {
-                "disconnected"
-            },
+            self.broker_state(),
         )
+    }
+
+    fn broker_state(&self) -> String {
+        let i = &self.ingest;
+        if !i.connected.load(Ordering::Relaxed) {
+            return "disconnected".into();
+        }
+        if !i.subscribed.load(Ordering::Relaxed) {
+            return "connected, subscribing".into();
+        }
+        match i.subscriptions_refused.load(Ordering::Relaxed) {
+            0 => "connected, subscribed".into(),
+            n => format!("connected, {n} subscription(s) REFUSED by the broker"),
+        }
     }
 
     pub fn site(&self) -> Arc<SiteConfig> {

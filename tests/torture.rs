@@ -349,11 +349,10 @@ async fn start_in_process(tb: &Testbed, clock: Option<Arc<Clock>>) -> Running {
     let ingest = r.ingest.clone();
     support::wait_for(
         Duration::from_secs(20),
-        "agent connected to the broker",
-        || ingest.connected.load(Ordering::Relaxed),
+        "agent connected and subscribed",
+        || ingest.subscribed.load(Ordering::Relaxed),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // subscriptions settle
     r
 }
 
@@ -383,9 +382,8 @@ async fn t1_sigkill_while_streaming() {
         .await
         .unwrap();
     let log = tb.path("agent.log");
-    let mut child = Agent::spawn(&tb.config_path, &log);
     // The first run registers the persistent session before anything is published.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut child = Agent(support::spawn_agent_subscribed(&tb.config_path, &log).await);
     let msgs = mixed("k", 0..events, 3);
     let sent = descriptions(&msgs);
     // Stream for about as long as the kills take (mean gap ~0.5 s incl. restart).
@@ -1053,8 +1051,7 @@ async fn t4_damaged_store_between_runs() {
         let log = tb.path("agent.log");
         // Run 1: CHeKT down, events spooled; then SIGKILL.
         tb.sim.set_outage(true);
-        let mut child = Agent::spawn(&tb.config_path, &log);
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        let mut child = Agent(support::spawn_agent_subscribed(&tb.config_path, &log).await);
         let old = mixed(&format!("old{vi}"), 0..old_n, 5);
         publish_all(m.port, "dmg-pub-old", old.clone()).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -2,13 +2,14 @@
 //! simulator.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chekt_agent::pipeline::{Options, Running};
 use chekt_agent::simulator::{Faults, SimConfig};
 use chekt_agent::testbed::{AgentKnobs, CLIENT_ID, Testbed, leaks_secret};
 
-use crate::support::{json_event, publish_all, wait_for};
+use crate::support::{Mosquitto, json_event, publish_all, wait_for};
 
 async fn bed(knobs: AgentKnobs) -> Testbed {
     let sim = SimConfig {
@@ -34,11 +35,11 @@ async fn start(tb: &Testbed) -> Running {
     let ingest = r.ingest.clone();
     wait_for(
         Duration::from_secs(10),
-        "agent connected to the broker",
-        || ingest.connected.load(std::sync::atomic::Ordering::Relaxed),
+        "agent connected and subscribed",
+        || ingest.subscribed.load(Ordering::Relaxed),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await; // subscriptions settle
+    assert_eq!(r.ingest.subscriptions_refused.load(Ordering::Relaxed), 0);
     r
 }
 
@@ -536,5 +537,86 @@ async fn republished_event_id_is_sent_once() {
         0,
         "no 409 conflict from a second body"
     );
+    running.stop().await;
+}
+
+/// A filter the broker's ACL refuses is reported: counted, shown in the status line and
+/// raised to CHeKT as a trouble event; the granted filters keep working. mosquitto with its
+/// dynamic-security plugin, which answers a refused SUBSCRIBE with 0x80 (rumqttd has no ACLs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_subscription_is_raised_as_trouble() {
+    // Anonymous clients may publish under site/ and subscribe to two of the testbed's three
+    // filters: `site/panel/+/sia` is refused.
+    let dynsec = r#"{
+      "defaultACLAccess": {"publishClientSend": false, "publishClientReceive": true,
+                           "subscribe": false, "unsubscribe": true},
+      "clients": [],
+      "groups": [{"groupname": "anonymous", "roles": [{"rolename": "site"}], "clients": []}],
+      "roles": [{"rolename": "site", "acls": [
+        {"acltype": "publishClientSend", "topic": "site/#", "priority": 0, "allow": true},
+        {"acltype": "subscribeLiteral", "topic": "site/+/events", "priority": 0, "allow": true},
+        {"acltype": "subscribeLiteral", "topic": "site/panel/+/cid", "priority": 0, "allow": true}
+      ]}],
+      "anonymousGroup": "anonymous"
+    }"#;
+    let Some(m) = Mosquitto::start_with(Some(dynsec)) else {
+        return;
+    };
+    let sim = SimConfig {
+        rate_limit: None,
+        ..SimConfig::default()
+    };
+    let tb = Testbed::start(sim, Some(m.port), AgentKnobs::default())
+        .await
+        .unwrap();
+    let (cfg, site) = tb.config().unwrap();
+    let running = Running::start(
+        &cfg,
+        site,
+        Options {
+            keys: Some(tb.key_store()),
+            grace: Some(Duration::from_secs(1)),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ingest = running.ingest.clone();
+    wait_for(Duration::from_secs(10), "SUBACK", || {
+        ingest.subscribed.load(Ordering::Relaxed)
+    })
+    .await;
+    assert_eq!(ingest.subscriptions_refused.load(Ordering::Relaxed), 1);
+    let status = running.status_line();
+    assert!(
+        status.contains("broker connected, 1 subscription(s) REFUSED"),
+        "{status}"
+    );
+    publish_all(
+        m.port,
+        "acl-pub",
+        vec![msg(
+            "site/panel1/events",
+            json_event("alarm", "active", Some(3), "granted filter", false),
+        )],
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(20),
+        "alarm and trouble at CHeKT",
+        || tb.sim.received().len() >= 2,
+    )
+    .await;
+    let got = tb.sim.received();
+    assert!(got.iter().any(|r| desc(r) == "granted filter"));
+    let trouble: Vec<_> = got
+        .iter()
+        .filter(|r| r.body["code"] == "AGENT:subscription_refused")
+        .collect();
+    assert_eq!(trouble.len(), 1, "{got:?}");
+    assert_eq!(trouble[0].body["event_type"], "trouble");
+    let text = desc(trouble[0]);
+    assert!(text.contains("site/panel/+/sia"), "{text}");
+    assert!(!text.contains("site/+/events"), "{text}");
     running.stop().await;
 }

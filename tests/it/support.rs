@@ -91,6 +91,12 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// None when mosquitto is not installed and we are not in CI (CI must have it).
     pub fn start() -> Option<Mosquitto> {
+        Mosquitto::start_with(None)
+    }
+
+    /// [`Mosquitto::start`] with mosquitto's dynamic-security plugin configured by the JSON
+    /// `dynsec` (its file ACLs never refuse a SUBSCRIBE; this plugin does).
+    pub fn start_with(dynsec: Option<&str>) -> Option<Mosquitto> {
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists());
@@ -105,14 +111,26 @@ impl Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let port = chekt_agent::testbed::free_port().unwrap();
         let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 20\nlog_dest stderr\nlog_type error\n",
-                dir.path().display()
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 20\nlog_dest stderr\nlog_type error\n",
+            dir.path().display()
+        );
+        if let Some(json) = dynsec {
+            let plugin = std::fs::read_dir("/usr/lib")
+                .unwrap()
+                .filter_map(|d| d.ok())
+                .map(|d| d.path().join("mosquitto_dynamic_security.so"))
+                .find(|p| p.exists())
+                .expect("mosquitto's dynamic-security plugin (package mosquitto)");
+            let file = dir.path().join("dynamic-security.json");
+            std::fs::write(&file, json).unwrap();
+            text.push_str(&format!(
+                "plugin {}\nplugin_opt_config_file {}\n",
+                plugin.display(),
+                file.display()
+            ));
+        }
+        std::fs::write(&conf, text).unwrap();
         let mut child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
@@ -173,6 +191,26 @@ pub fn spawn_agent(config: &Path, log: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("spawn chekt-agent")
+}
+
+/// Spawn the agent binary and wait until its log says the broker answered its SUBSCRIBE.
+/// On a first run that is when the broker starts keeping messages for the agent's
+/// persistent session; what is published before is not kept for it.
+#[allow(dead_code)] // the torture suite's; this file is also compiled into `tests/it`
+pub async fn spawn_agent_subscribed(config: &Path, log: &Path) -> Child {
+    let marker = chekt_agent::ingest::SUBSCRIBED_LOG;
+    let count = || {
+        std::fs::read_to_string(log)
+            .map(|t| t.matches(marker).count())
+            .unwrap_or(0)
+    };
+    let before = count();
+    let child = spawn_agent(config, log);
+    wait_for(Duration::from_secs(60), "the agent subscribed", || {
+        count() > before
+    })
+    .await;
+    child
 }
 
 pub fn scratch() -> (tempfile::TempDir, PathBuf) {
