@@ -11,6 +11,10 @@
 //!   within a class.
 //! - Nothing from the site's private configuration (RTSP URLs, credentials, notes) is ever
 //!   copied into an event: enrichment copies only the names and ids listed here.
+//! - The API body is a function of the stored event alone (never of the clock at sending
+//!   time), so every retry of an event sends the same body under the same key. A receipt
+//!   time before 2026 came from a clock not yet corrected (a gateway that booted at 1970)
+//!   and is left out of the body rather than sent wrong.
 
 use serde::{Deserialize, Serialize};
 
@@ -147,10 +151,12 @@ impl Event {
             "event_status": self.status.as_str(),
             "device_id": self.device_id,
             "description": self.description,
-            "received_at": self.received_at_ms,
             "priority": self.class.as_str(),
         });
         let obj = body.as_object_mut().expect("json object literal");
+        if self.received_at_ms >= crate::clock::MIN_PLAUSIBLE * 1000 {
+            obj.insert("received_at".into(), self.received_at_ms.into());
+        }
         if let Some(r) = &self.recorder_id {
             obj.insert("recorder_id".into(), r.clone().into());
         }
@@ -246,6 +252,17 @@ mod tests {
         assert_ne!(identity(&[b"ab", b"c"]), identity(&[b"a", b"bc"]));
         assert_eq!(identity(&[b"x"]), identity(&[b"x"]));
         assert_eq!(identity(&[b"x"]).len(), 32);
+    }
+
+    #[test]
+    fn received_at_from_an_uncorrected_clock_is_left_out() {
+        let at = |ms| Event::agent_trouble("L", None, ms, "t", "d".into()).to_api_body();
+        // 2027-01-15: sent as is.
+        assert_eq!(at(1_800_000_000_000)["received_at"], 1_800_000_000_000_i64);
+        // A day after 1970 and one millisecond before 2026: left out.
+        assert!(at(86_400_000).get("received_at").is_none());
+        let just_before = crate::clock::MIN_PLAUSIBLE * 1000 - 1;
+        assert!(at(just_before).get("received_at").is_none());
     }
 
     #[test]

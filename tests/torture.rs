@@ -1191,8 +1191,15 @@ async fn t5_wrong_clock() {
             .collect();
         let worst_skew_s = skews_s.iter().copied().max().unwrap_or(0);
         // received_at is stamped at ingest, before the first request to CHeKT taught the
-        // clock anything: such events carry the wrong clock's time (a finding, not a loss).
+        // clock anything: such events carry the wrong clock's time (a finding, not a loss),
+        // except that a time before 2026 is left out of the body, never sent.
         let off_by_more_than_a_minute = skews_s.iter().filter(|s| **s > 60).count();
+        let left_out = got.len() - skews_s.len();
+        let before_2026: Vec<i64> = got
+            .iter()
+            .filter_map(|r| r.body["received_at"].as_i64())
+            .filter(|t| *t < chekt_agent::clock::MIN_PLAUSIBLE * 1000)
+            .collect();
         let figs = Figures {
             case,
             sent: (sent.len() + others.len()) as u64,
@@ -1202,7 +1209,7 @@ async fn t5_wrong_clock() {
             dup_effects: t.dup_effects,
             drops: 0,
             notes: format!(
-                "local clock {label}: offset learned {} ({} s), tokens issued {}, {off_by_more_than_a_minute} of {} events with received_at off by > 60 s (worst {worst_skew_s} s), dead letters {}",
+                "local clock {label}: offset learned {} ({} s), tokens issued {}, {off_by_more_than_a_minute} of {} events with received_at off by > 60 s (worst {worst_skew_s} s), {left_out} without received_at (stamped before 2026), dead letters {}",
                 clock.has_learned(),
                 clock.offset_ms() / 1000,
                 tb.sim.stats().token_ok,
@@ -1214,6 +1221,10 @@ async fn t5_wrong_clock() {
         figs.print(started);
         figs.assert_clean();
         assert_eq!(t.delivered as usize, sent.len(), "{label}");
+        assert!(
+            before_2026.is_empty(),
+            "{label}: received_at before 2026 sent: {before_2026:?}"
+        );
         running.stop().await;
     }
 }
