@@ -150,8 +150,8 @@ impl TokenSource {
     pub fn new(mode: &AuthMode, http: reqwest::Client, clock: Arc<Clock>) -> TokenSource {
         let mode = match mode {
             AuthMode::Assertion(cfg) => Mode::Assertion {
-                cfg: Box::new(cfg.clone()),
-                keys: KeyStore::from_env(cfg.key_dir.clone()),
+                cfg: cfg.clone(),
+                keys: cfg.key_store(),
             },
             AuthMode::ApiKey(k) => Mode::ApiKey(k.clone()),
         };

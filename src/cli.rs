@@ -169,7 +169,7 @@ fn key_store(config: &std::path::Path, key_dir: Option<PathBuf>) -> anyhow::Resu
     }
     let (cfg, _) = Config::load(config)?;
     match &cfg.chekt.auth {
-        AuthMode::Assertion(a) => Ok(KeyStore::from_env(a.key_dir.clone())),
+        AuthMode::Assertion(a) => Ok(a.key_store()),
         AuthMode::ApiKey(_) => Err(ConfigError::Invalid {
             path: config.display().to_string(),
             key: "chekt.auth".into(),
@@ -209,7 +209,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             init_logging(&cfg.log_level);
             if let AuthMode::Assertion(a) = &cfg.chekt.auth {
                 // Fail fast (exit 78) on a missing or exposed key, before anything starts.
-                let store = KeyStore::from_env(a.key_dir.clone());
+                let store = a.key_store();
                 let k = store.current()?;
                 tracing::info!(key = %store.current_path().display(), kid = %k.kid(), alg = ?k.alg(), "device key");
             }
@@ -237,7 +237,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::CheckConfig => {
             let (cfg, site) = Config::load(&cli.config)?;
             if let AuthMode::Assertion(a) = &cfg.chekt.auth {
-                let store = KeyStore::from_env(a.key_dir.clone());
+                let store = a.key_store();
                 let k = store.current()?;
                 println!(
                     "device key: {} kid {} ({:?})",

@@ -128,6 +128,7 @@ struct RawChekt {
     #[serde(default = "d_backoff_max")]
     backoff_max_secs: u64,
     key_dir: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 fn d_api_url() -> String {
@@ -237,7 +238,7 @@ impl std::fmt::Debug for Redacted {
 #[derive(Clone, Debug)]
 pub enum AuthMode {
     /// RFC 7523 assertion tokens signed with the device key (the production tier).
-    Assertion(AssertionConfig),
+    Assertion(Box<AssertionConfig>),
     /// Static API key (`chekt_test_...`): bring-up only, the weaker tier.
     ApiKey(Redacted),
 }
@@ -254,6 +255,16 @@ pub struct AssertionConfig {
     pub assertion_lifetime: Duration,
     pub refresh_before: Duration,
     pub key_dir: PathBuf,
+    /// The installed device key (what `provision` writes and the unit loads as its
+    /// credential); current while `key_dir` has none and no credential is passed.
+    pub key_file: PathBuf,
+}
+
+impl AssertionConfig {
+    /// The key store of this configuration, in this process's environment.
+    pub fn key_store(&self) -> crate::keys::KeyStore {
+        crate::keys::KeyStore::from_env(self.key_dir.clone()).with_installed(self.key_file.clone())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -450,7 +461,7 @@ impl Config {
                         "must be at most 3000".into(),
                     ));
                 }
-                AuthMode::Assertion(AssertionConfig {
+                AuthMode::Assertion(Box::new(AssertionConfig {
                     client_id,
                     token_url,
                     tenant_audience,
@@ -465,7 +476,8 @@ impl Config {
                         .as_deref()
                         .map(resolve)
                         .unwrap_or_else(|| state_dir.join("keys")),
-                })
+                    key_file: resolve(c.key_file.as_deref().unwrap_or(Path::new("device.key"))),
+                }))
             }
             "api_key" => {
                 let key = match (&c.api_key, &c.api_key_file) {

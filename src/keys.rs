@@ -5,8 +5,14 @@
 //! - `device.next.key` — a staged next key, written by `key rotate`, promoted to
 //!   `device.key` by [`KeyStore::promote_next`] once CHeKT accepted a token signed with it.
 //!
-//! When the key directory has no `device.key` but systemd passed one as a credential
-//! (`$CREDENTIALS_DIRECTORY/device.key`, from `LoadCredential=`), that one is current.
+//! When the key directory has no `device.key`, the current key is systemd's credential
+//! (`$CREDENTIALS_DIRECTORY/device.key`, from `LoadCredential=`) under the service, and the
+//! installed key file (`chekt.key_file`, default `device.key` beside the configuration:
+//! where `provision` puts it and what the unit loads) outside it, so `check-config`,
+//! `key show` and `key rotate` run by hand see the key the service signs with.
+//!
+//! A next key staged by root (`key rotate` by hand) is handed to the owner of the key
+//! directory (the service user), so the service can read it and promote it.
 //!
 //! Invariants:
 //! - Never more than two keys live: current and (optionally) next — CHeKT's Auth0 tenant
@@ -280,6 +286,41 @@ impl DeviceKey {
     }
 }
 
+/// Give `paths` the owner and group of `like` where they differ. Only root may; anyone else
+/// is told what is wrong (the service may not be able to read what was written).
+fn give_to_owner_of<'a>(
+    like: &Path,
+    paths: impl Iterator<Item = &'a Path>,
+) -> Result<(), KeyError> {
+    use std::os::unix::fs::MetadataExt;
+    let werr = |p: &Path, source| KeyError::Write {
+        path: p.display().to_string(),
+        source,
+    };
+    let want = fs::metadata(like).map_err(|e| werr(like, e))?;
+    for p in paths {
+        let have = fs::metadata(p).map_err(|e| werr(p, e))?;
+        if (have.uid(), have.gid()) == (want.uid(), want.gid()) {
+            continue;
+        }
+        std::os::unix::fs::chown(p, Some(want.uid()), Some(want.gid())).map_err(|e| {
+            werr(
+                p,
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give it to uid {} gid {} (the owner of {}), so the agent may not read it: {e}; run this as root or as that user",
+                        want.uid(),
+                        want.gid(),
+                        like.display()
+                    ),
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn thumbprint(canonical: &str) -> String {
     URL_SAFE_NO_PAD.encode(ring::digest::digest(
         &ring::digest::SHA256,
@@ -299,6 +340,7 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 pub struct KeyStore {
     dir: PathBuf,
     credential: Option<PathBuf>,
+    installed: Option<PathBuf>,
 }
 
 impl KeyStore {
@@ -307,7 +349,15 @@ impl KeyStore {
         KeyStore {
             dir,
             credential: credentials_dir.map(|d| d.join(CREDENTIAL_NAME)),
+            installed: None,
         }
+    }
+
+    /// The installed key file, current when neither the key directory nor a systemd
+    /// credential has one.
+    pub fn with_installed(mut self, path: PathBuf) -> KeyStore {
+        self.installed = Some(path);
+        self
     }
 
     /// From the key directory and the process environment.
@@ -322,11 +372,18 @@ impl KeyStore {
         &self.dir
     }
 
+    /// The key directory's own `device.key` if it exists, else the systemd credential when
+    /// running under systemd, else the installed key file (else the key directory's path,
+    /// which then names what is missing).
     pub fn current_path(&self) -> PathBuf {
         let own = self.dir.join(CURRENT_FILE);
-        match &self.credential {
-            Some(c) if !own.exists() => c.clone(),
-            _ => own,
+        if own.exists() {
+            return own;
+        }
+        match (&self.credential, &self.installed) {
+            (Some(c), _) => c.clone(),
+            (None, Some(i)) => i.clone(),
+            (None, None) => own,
         }
     }
 
@@ -349,6 +406,8 @@ impl KeyStore {
 
     /// Stage `key` as the next key. Refuses when one is already staged (two keys live at
     /// most), unless `replace`.
+    /// Directories it creates and the file get the owner of the nearest existing ancestor
+    /// of the key directory when that differs (root staging a key for the service user).
     pub fn stage_next(&self, key: &DeviceKey, replace: bool) -> Result<(), KeyError> {
         let p = self.next_path();
         if replace && p.exists() {
@@ -357,7 +416,21 @@ impl KeyStore {
                 source,
             })?;
         }
-        key.write_new(&p)
+        let anchor = self
+            .dir
+            .ancestors()
+            .find(|a| a.exists())
+            .map(Path::to_path_buf);
+        key.write_new(&p)?;
+        if let Some(anchor) = anchor {
+            let created: Vec<&Path> = self
+                .dir
+                .ancestors()
+                .take_while(|a| *a != anchor.as_path())
+                .collect();
+            give_to_owner_of(&anchor, created.into_iter().chain([p.as_path()]))?;
+        }
+        Ok(())
     }
 
     /// Make the staged next key current: atomic rename within the key directory, then
@@ -421,6 +494,36 @@ mod tests {
         store.stage_next(&next, false).unwrap();
         store.promote_next().unwrap();
         assert_eq!(store.current().unwrap().kid(), next.kid());
+    }
+
+    #[test]
+    fn installed_key_is_current_outside_systemd_only() {
+        let state = tempfile::tempdir().unwrap();
+        let etc = tempfile::tempdir().unwrap();
+        let creds = tempfile::tempdir().unwrap();
+        let installed = etc.path().join("device.key");
+        let key = DeviceKey::generate_es256().unwrap();
+        key.write_new(&installed).unwrap();
+        let keys = state.path().join("keys");
+        let outside = KeyStore::new(keys.clone(), None).with_installed(installed.clone());
+        assert_eq!(outside.current_path(), installed);
+        assert_eq!(outside.current().unwrap().kid(), key.kid());
+        // Under systemd the credential is the key, even when the installed file exists.
+        let cred_key = DeviceKey::generate_es256().unwrap();
+        cred_key
+            .write_new(&creds.path().join(CREDENTIAL_NAME))
+            .unwrap();
+        let under = KeyStore::new(keys.clone(), Some(creds.path().to_path_buf()))
+            .with_installed(installed.clone());
+        assert_eq!(under.current().unwrap().kid(), cred_key.kid());
+        // A rotation staged from outside (no key directory yet) is promoted by the
+        // service; from then on both see the key directory's key.
+        let next = DeviceKey::generate_es256().unwrap();
+        outside.stage_next(&next, false).unwrap();
+        assert!(keys.is_dir());
+        under.promote_next().unwrap();
+        assert_eq!(outside.current().unwrap().kid(), next.kid());
+        assert_eq!(under.current().unwrap().kid(), next.kid());
     }
 
     #[test]

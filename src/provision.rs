@@ -5,7 +5,8 @@
 //! Owns three files and nothing else: the device key (`--key-path`, default
 //! `/etc/chekt-agent/device.key`, the file the unit hands to the agent with
 //! `LoadCredential=`), the agent configuration (`--config`) and the site file. It creates
-//! the key (ES256, or the RSA key given with `--rsa`), writes the settings it is given into
+//! the key (ES256, or the RSA key given with `--rsa`), writes the settings it is given
+//! (and `chekt.key_file` when the key is not `device.key` beside the configuration) into
 //! the configuration — creating it from the documented example when missing, otherwise
 //! editing only the given keys with `toml_edit`, so comments, order and every other value
 //! stay as they were — creates a minimal site file when there is none, prints the public
@@ -361,6 +362,11 @@ fn edit_config(
             "ca_file",
             args.ca_file.as_ref().map(abs).map(Setting::Str),
         ),
+        // Only when the key is not where the configuration looks by default (beside it).
+        (Some("chekt"), "key_file", {
+            let beside = Path::new(shown).with_file_name(CURRENT_FILE);
+            (abs(&args.key_path) != abs(&beside)).then(|| Setting::Str(abs(&args.key_path)))
+        }),
     ];
     let mut changed = Vec::new();
     for (table, key, setting) in wanted {
@@ -513,6 +519,7 @@ mod tests {
             client_id: Some("gw-1".into()),
             token_url: Some("https://t.example.com/oauth/token".into()),
             mqtt_port: Some(1884),
+            key_path: "device.key".into(), // beside a.toml: no chekt.key_file needed
             ..Default::default()
         };
         let (once, changed) = edit_config(EXAMPLE_CONFIG, &args, "a.toml").unwrap();

@@ -236,3 +236,99 @@ fn exposed_key_is_refused_with_the_fix() {
     assert_eq!(code, 78, "{err}");
     assert!(err.contains("chmod 600"), "{err}");
 }
+
+/// The kid in a `# <label>: kid <kid> (<alg>)` line.
+fn kid_after<'a>(stdout: &'a str, label: &str) -> &'a str {
+    let prefix = format!("# {label}: kid ");
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {label:?} line in {stdout}"))
+}
+
+/// On a provisioned gateway, run by hand (no systemd credential): `check-config`,
+/// `key show` and `key rotate` use the installed key beside the configuration, the key
+/// the service gets as its credential. The next key is staged in the key directory and,
+/// when root stages it, given to the owner of the state directory (the service user;
+/// `nobody` here) so the service can read and promote it.
+#[test]
+fn key_commands_by_hand_use_the_installed_key_and_stage_for_the_service_user() {
+    use std::os::unix::fs::MetadataExt;
+    let (_d, dir) = scratch();
+    let (code, out, err) = provision(&dir, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let kid = kid_after(&out, "device key").to_string();
+    let config = dir.join("etc/agent.toml");
+    let config = config.to_str().unwrap();
+    let (code, cc, err) = agent(&["check-config", "--config", config]);
+    assert_eq!(code, 0, "{cc}{err}");
+    let installed = dir.join("etc/device.key");
+    assert!(
+        cc.contains(&format!("device key: {} kid {kid}", installed.display())),
+        "{cc}"
+    );
+
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    if root {
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    } else {
+        eprintln!("not root: the hand-over to the service user is not checked");
+    }
+    let (code, rot, err) = agent(&["key", "rotate", "--config", config]);
+    assert_eq!(code, 0, "{rot}{err}");
+    let next_kid = kid_after(&rot, "next key").to_string();
+    assert_ne!(next_kid, kid);
+    assert!(err.contains(&format!("retire kid {kid}")), "{err}");
+    let staged = state.join("keys/device.next.key");
+    let meta = std::fs::metadata(&staged).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    if root {
+        let keys = std::fs::metadata(state.join("keys")).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "staged key owner");
+        assert_eq!(
+            (keys.uid(), keys.gid()),
+            (65534, 65534),
+            "key directory owner"
+        );
+    }
+
+    let (code, show, err) = agent(&["key", "show", "--config", config]);
+    assert_eq!(code, 0, "{show}{err}");
+    assert_eq!(kid_after(&show, "current key"), kid);
+    assert_eq!(kid_after(&show, "staged next key"), next_kid);
+    let (code, cc, err) = agent(&["check-config", "--config", config]);
+    assert_eq!(code, 0, "{cc}{err}");
+    assert!(
+        cc.contains(&format!("staged next key: kid {next_kid}")),
+        "{cc}"
+    );
+    // A second rotation without --replace is refused: two keys live at most.
+    let (code, _, err) = agent(&["key", "rotate", "--config", config]);
+    assert_ne!(code, 0);
+    assert!(err.contains("device.next.key"), "{err}");
+}
+
+/// A key provisioned away from the configuration's directory is written into it as
+/// `chekt.key_file`, so the commands run by hand still find it.
+#[test]
+fn a_key_elsewhere_is_named_in_the_configuration() {
+    let (_d, dir) = scratch();
+    let elsewhere = dir.join("secrets/gw.key");
+    let (code, out, err) = provision(&dir, &[("--key-path", elsewhere.to_str().unwrap())]);
+    assert_eq!(code, 0, "{out}{err}");
+    let text = std::fs::read_to_string(dir.join("etc/agent.toml")).unwrap();
+    assert!(
+        text.contains(&format!("key_file = \"{}\"", elsewhere.display())),
+        "{text}"
+    );
+    let config = dir.join("etc/agent.toml");
+    let (code, show, err) = agent(&["key", "show", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 0, "{show}{err}");
+    assert_eq!(
+        kid_after(&show, "current key"),
+        kid_after(&out, "device key")
+    );
+}
