@@ -38,6 +38,12 @@ pub enum PipelineError {
     Spool(#[from] SpoolError),
     #[error(transparent)]
     Upload(#[from] UploadError),
+    /// A loop returned or panicked while the agent was running. The agent stops and exits
+    /// with a failure status, so systemd (`Restart=on-failure`) starts it again.
+    #[error(
+        "the {task} loop ended unexpectedly (see the log above); exiting so the agent is restarted"
+    )]
+    LoopEnded { task: &'static str },
 }
 
 /// Options tests (and the demo) set; production uses the defaults.
@@ -317,6 +323,7 @@ pub async fn run(
         .max(Duration::from_secs(3));
     let mut ticker = tokio::time::interval(tick);
     let mut last_status_log = tokio::time::Instant::now();
+    let mut died = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -332,6 +339,7 @@ pub async fn run(
             _ = ticker.tick() => {
                 if let Some(dead) = running.task_died() {
                     tracing::error!(task = dead, "a pipeline loop ended unexpectedly; stopping so systemd restarts the agent");
+                    died = Some(dead);
                     break;
                 }
                 let stalled = running.stalled(stale);
@@ -361,5 +369,8 @@ pub async fn run(
     } else {
         tracing::error!(not_stopped = ?report.not_stopped, "these did not stop within the grace period");
     }
-    Ok(report)
+    match died {
+        Some(task) => Err(PipelineError::LoopEnded { task }),
+        None => Ok(report),
+    }
 }
