@@ -25,8 +25,10 @@
 //! - The budget is on live encoded bytes (what is stored, not a record count); sled's files
 //!   hold more than that (see BENCHMARKS.md) and never shrink.
 //! - A store that fails to open or to read back is moved aside (`spool.corrupt-<time>`)
-//!   and a fresh one started; the caller is told so it can report it. Never a crash loop.
-//!   Not when it failed for lack of space (that is not corruption: it stays in place and
+//!   and a fresh one started; the caller is told so it can report it. Never a crash loop:
+//!   sled 0.34 panics on some damage (a snapshot naming segments a truncated log lacks)
+//!   instead of returning an error, and a panic inside open counts as damage
+//!   ([`SpoolError::Panicked`]; release builds unwind for this). Not when it failed for lack of space (that is not corruption: it stays in place and
 //!   open fails) or because another process holds its lock (`spool status` while the
 //!   agent runs).
 //! - A store that fails while running is closed and reopened from what is on disk. sled
