@@ -93,6 +93,13 @@ pub struct LoopCtx {
 /// Shared, swappable site configuration (SIGHUP replaces it).
 pub type SharedSite = Arc<RwLock<Arc<SiteConfig>>>;
 
+/// The site configuration in force now (a poisoned lock still holds a whole one).
+pub fn current_site(site: &SharedSite) -> Arc<SiteConfig> {
+    site.read()
+        .map(|s| s.clone())
+        .unwrap_or_else(|p| p.into_inner().clone())
+}
+
 pub fn mqtt_options(cfg: &MqttConfig) -> MqttOptions {
     let mut o = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
     o.set_keep_alive(cfg.keep_alive)
@@ -246,13 +253,9 @@ fn check_suback(filters: &[String], codes: &[SubscribeReasonCode]) -> Vec<String
 /// Raise `subscription_refused` as a trouble event, so CHeKT learns that this site's
 /// events on those filters cannot arrive.
 fn raise_refused(spool: &Spool, site: &SharedSite, clock: &Clock, refused: &[String]) {
-    let site: Arc<SiteConfig> = match site.read() {
-        Ok(g) => g.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
-    let ev = crate::event::Event::agent_trouble(
-        &site.location_id,
-        site.recorder_id.as_deref(),
+    let raised = crate::pipeline::raise_trouble(
+        spool,
+        &current_site(site),
         clock.now_ms(),
         "subscription_refused",
         format!(
@@ -260,7 +263,7 @@ fn raise_refused(spool: &Spool, site: &SharedSite, clock: &Clock, refused: &[Str
             refused.join(", ")
         ),
     );
-    match crate::pipeline::enqueue(spool, &ev) {
+    match raised {
         Ok(()) => {
             tracing::error!(filters = ?refused, "raised a subscription_refused trouble event")
         }
@@ -308,10 +311,7 @@ pub async fn committer(
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
         }
-        let site_now: Arc<SiteConfig> = match site.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
+        let site_now = current_site(&site);
         let result = match prepared.take() {
             Some(p) => Ok(p),
             None => prepare_batch(&spool, &site_now, &buf, &stats, &clock),
@@ -489,21 +489,17 @@ impl DropReporter {
         if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
             return;
         }
-        let site: Arc<SiteConfig> = match site.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
         let [alarm, trouble, arming, other] = self.pending;
-        let ev = crate::event::Event::agent_trouble(
-            &site.location_id,
-            site.recorder_id.as_deref(),
+        let raised = crate::pipeline::raise_trouble(
+            spool,
+            &current_site(site),
             clock.now_ms(),
             "spool_overflow",
             format!(
                 "event store full: dropped {alarm} alarm, {trouble} trouble, {arming} arming and {other} routine events (oldest of the lowest class first)"
             ),
         );
-        match crate::pipeline::enqueue(spool, &ev) {
+        match raised {
             Ok(()) => {
                 tracing::error!(dropped = ?self.pending, "raised a spool_overflow trouble event");
                 self.pending = [0; 4];

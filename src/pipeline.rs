@@ -82,9 +82,23 @@ pub struct StopReport {
     pub not_stopped: Vec<&'static str>,
 }
 
-pub(crate) fn enqueue(spool: &Spool, ev: &Event) -> Result<(), SpoolError> {
+/// Store the agent's own trouble event `AGENT:<code>` for `site`, durably, like any event.
+pub(crate) fn raise_trouble(
+    spool: &Spool,
+    site: &SiteConfig,
+    now_ms: i64,
+    code: &str,
+    description: String,
+) -> Result<(), SpoolError> {
+    let ev = Event::agent_trouble(
+        &site.location_id,
+        site.recorder_id.as_deref(),
+        now_ms,
+        code,
+        description,
+    );
     let mut b = spool.batch();
-    spool.push_event(&mut b, ev)?;
+    spool.push_event(&mut b, &ev)?;
     spool.commit(b).map(|_| ())
 }
 
@@ -99,9 +113,9 @@ impl Running {
         let (spool, reset) = Spool::open(&cfg.spool)?;
         let spool = Arc::new(spool);
         if let Some(r) = &reset {
-            let ev = Event::agent_trouble(
-                &site.location_id,
-                site.recorder_id.as_deref(),
+            raise_trouble(
+                &spool,
+                &site,
                 clock.now_ms(),
                 "spool_reset",
                 format!(
@@ -109,8 +123,7 @@ impl Running {
                     r.error,
                     r.moved_to.display()
                 ),
-            );
-            enqueue(&spool, &ev)?;
+            )?;
         }
         let http = upload::http_client(&cfg.chekt)?;
         let mut tokens = TokenSource::new(&cfg.chekt.auth, http.clone(), clock.clone());
@@ -243,10 +256,7 @@ impl Running {
     }
 
     pub fn site(&self) -> Arc<SiteConfig> {
-        self.site
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        ingest::current_site(&self.site)
     }
 
     /// Re-read the site file. On error the running configuration is kept. Changed topic

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chekt_agent::clock::Clock;
-use chekt_agent::pipeline::{Options, Running};
+use chekt_agent::pipeline::Running;
 use chekt_agent::simulator::{Faults, SimConfig, Simulator};
 use chekt_agent::testbed::{AgentKnobs, Testbed};
 
@@ -334,26 +334,7 @@ fn edit_config(tb: &Testbed, from: &str, to: &str) {
 /// The pipeline in process, connected to the broker.
 async fn start_in_process(tb: &Testbed, clock: Option<Arc<Clock>>) -> Running {
     init_log();
-    let (cfg, site) = tb.config().unwrap();
-    let r = Running::start(
-        &cfg,
-        site,
-        Options {
-            keys: Some(tb.key_store()),
-            grace: Some(Duration::from_secs(1)),
-            clock,
-        },
-    )
-    .await
-    .unwrap();
-    let ingest = r.ingest.clone();
-    support::wait_for(
-        Duration::from_secs(20),
-        "agent connected and subscribed",
-        || ingest.subscribed.load(Ordering::Relaxed),
-    )
-    .await;
-    r
+    support::start_subscribed(tb, clock, Duration::from_secs(20)).await
 }
 
 /// mosquitto with persistence on a free port; `None` (case skipped) only outside CI.
@@ -1184,20 +1165,20 @@ async fn t5_wrong_clock() {
         }
         let got = tb.sim.received();
         let true_now = Clock::system().local_ms();
-        let skews_s: Vec<i64> = got
+        let stamps: Vec<i64> = got
             .iter()
             .filter_map(|r| r.body["received_at"].as_i64())
-            .map(|t| (t - true_now).abs() / 1000)
             .collect();
+        let skews_s: Vec<i64> = stamps.iter().map(|t| (t - true_now).abs() / 1000).collect();
         let worst_skew_s = skews_s.iter().copied().max().unwrap_or(0);
         // received_at is stamped at ingest, before the first request to CHeKT taught the
         // clock anything: such events carry the wrong clock's time (a finding, not a loss),
         // except that a time before 2026 is left out of the body, never sent.
         let off_by_more_than_a_minute = skews_s.iter().filter(|s| **s > 60).count();
         let left_out = got.len() - skews_s.len();
-        let before_2026: Vec<i64> = got
+        let before_2026: Vec<i64> = stamps
             .iter()
-            .filter_map(|r| r.body["received_at"].as_i64())
+            .copied()
             .filter(|t| *t < chekt_agent::clock::MIN_PLAUSIBLE * 1000)
             .collect();
         let figs = Figures {

@@ -528,15 +528,14 @@ async fn outage_round_trip() {
         raw.unwrap_err().kind(),
         std::io::ErrorKind::ConnectionRefused
     );
-    let err = f
-        .http
-        .post(f.sim.events_url())
-        .bearer_auth(&t)
-        .header("Idempotency-Key", "k-2")
-        .json(&event("2"))
-        .send()
-        .await
-        .unwrap_err();
+    let post_k2 = |http: &reqwest::Client| {
+        http.post(f.sim.events_url())
+            .bearer_auth(&t)
+            .header("Idempotency-Key", "k-2")
+            .json(&event("2"))
+            .send()
+    };
+    let err = post_k2(&f.http).await.unwrap_err();
     // Refused on a new connection; reset (never answered) on a pooled keep-alive one, which
     // a multi-thread runtime may hand out before the client notices it was dropped.
     assert!(err.is_connect() || err.is_request(), "{err:?}");
@@ -547,12 +546,7 @@ async fn outage_round_trip() {
     // still hold the k-1 keep-alive connection the outage killed: hyper returns it to the
     // pool asynchronously, so on a multi-thread runtime it can be handed out after the
     // outage and be reset. (The agent retries such a reset like any connection error.)
-    let r = client_for(&f.sim)
-        .post(f.sim.events_url())
-        .bearer_auth(&t)
-        .header("Idempotency-Key", "k-2")
-        .json(&event("2"))
-        .send()
+    let r = post_k2(&client_for(&f.sim))
         .await
         .expect("a new connection after the outage");
     assert_eq!(r.status(), 201);

@@ -5,11 +5,11 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use chekt_agent::pipeline::{Options, Running};
+use chekt_agent::pipeline::Running;
 use chekt_agent::simulator::{Faults, SimConfig};
 use chekt_agent::testbed::{AgentKnobs, CLIENT_ID, Testbed, leaks_secret};
 
-use crate::support::{Mosquitto, json_event, publish_all, wait_for};
+use crate::support::{Mosquitto, json_event, publish_all, start_subscribed, wait_for};
 
 async fn bed(knobs: AgentKnobs) -> Testbed {
     let sim = SimConfig {
@@ -20,25 +20,7 @@ async fn bed(knobs: AgentKnobs) -> Testbed {
 }
 
 async fn start(tb: &Testbed) -> Running {
-    let (cfg, site) = tb.config().unwrap();
-    let r = Running::start(
-        &cfg,
-        site,
-        Options {
-            keys: Some(tb.key_store()),
-            grace: Some(Duration::from_secs(1)),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
-    let ingest = r.ingest.clone();
-    wait_for(
-        Duration::from_secs(10),
-        "agent connected and subscribed",
-        || ingest.subscribed.load(Ordering::Relaxed),
-    )
-    .await;
+    let r = start_subscribed(tb, None, Duration::from_secs(10)).await;
     assert_eq!(r.ingest.subscriptions_refused.load(Ordering::Relaxed), 0);
     r
 }
@@ -569,24 +551,11 @@ async fn refused_subscription_is_raised_as_trouble() {
     let tb = Testbed::start(sim, Some(m.port), AgentKnobs::default())
         .await
         .unwrap();
-    let (cfg, site) = tb.config().unwrap();
-    let running = Running::start(
-        &cfg,
-        site,
-        Options {
-            keys: Some(tb.key_store()),
-            grace: Some(Duration::from_secs(1)),
-            ..Options::default()
-        },
-    )
-    .await
-    .unwrap();
-    let ingest = running.ingest.clone();
-    wait_for(Duration::from_secs(10), "SUBACK", || {
-        ingest.subscribed.load(Ordering::Relaxed)
-    })
-    .await;
-    assert_eq!(ingest.subscriptions_refused.load(Ordering::Relaxed), 1);
+    let running = start_subscribed(&tb, None, Duration::from_secs(10)).await;
+    assert_eq!(
+        running.ingest.subscriptions_refused.load(Ordering::Relaxed),
+        1
+    );
     let status = running.status_line();
     assert!(
         status.contains("broker connected, 1 subscription(s) REFUSED"),

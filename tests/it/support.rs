@@ -8,6 +8,33 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_chekt-agent");
 
+/// The pipeline in process on the testbed's configuration and key (grace 1 s), returned
+/// once the broker answered its SUBSCRIBE (each filter granted or refused).
+pub async fn start_subscribed(
+    tb: &chekt_agent::testbed::Testbed,
+    clock: Option<std::sync::Arc<chekt_agent::clock::Clock>>,
+    limit: Duration,
+) -> chekt_agent::pipeline::Running {
+    let (cfg, site) = tb.config().unwrap();
+    let r = chekt_agent::pipeline::Running::start(
+        &cfg,
+        site,
+        chekt_agent::pipeline::Options {
+            keys: Some(tb.key_store()),
+            grace: Some(Duration::from_secs(1)),
+            clock,
+        },
+    )
+    .await
+    .unwrap();
+    let ingest = r.ingest.clone();
+    wait_for(limit, "agent connected and subscribed", || {
+        ingest.subscribed.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    r
+}
+
 /// Poll `f` every 20 ms until it holds or `limit` passes.
 pub async fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
